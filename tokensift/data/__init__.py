@@ -1,0 +1,1 @@
+"""Shipped sample data: a small multi-domain corpus of real text read from installed packages."""

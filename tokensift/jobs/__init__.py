@@ -1,0 +1,1 @@
+"""Ray Jobs API submission, local head start/stop, job status."""

@@ -1,0 +1,64 @@
+"""The stage protocol: map stages add columns batch by batch; select stages pick ids from gathered columns.
+
+A stage is registered by name (``tokensift.pipeline.registry.register``) with a params dataclass, so a
+config says ``{stage: votek, budget: 100}``. Map stages run on Ray actors (``map_batches``,
+``batch_format="pyarrow"``); select stages run once over the gathered columns they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+
+@dataclass
+class Resources:
+    """What one actor of a map stage asks Ray for.
+
+    Args:
+        num_cpus: CPUs per actor; keep it fractional on small machines (1 per actor starves the read task
+            on 2 CPUs).
+        num_gpus: GPUs per actor (0 on CPU machines).
+        concurrency: actors in the pool.
+        batch_size: rows per ``map_batches`` call.
+    """
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    concurrency: int = 1
+    batch_size: int = 256
+
+
+@runtime_checkable
+class MapStage(Protocol):
+    """Loads its model once in ``__init__(params)``; ``__call__`` returns the batch with columns added.
+
+    Class methods ``needs(params)`` and ``adds(params)`` list the columns read and written; the runner
+    checks them before any work starts. A map stage keeps every row and their order.
+    """
+
+    def __call__(self, batch: pa.Table) -> pa.Table: ...
+
+
+@dataclass
+class Selection:
+    """What a select stage returns.
+
+    Args:
+        ids: document ids to keep, in selection order (rank 0 first); no repeats.
+        stats: statistics recorded in the manifest (threshold, budget, objective values...).
+        scores: optional per-kept-document value (e.g. the marginal gain when picked), same order as ids.
+    """
+
+    ids: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+    scores: list[float] | None = None
+
+
+@runtime_checkable
+class SelectStage(Protocol):
+    """Sees a ``pa.Table`` with ``id`` and the columns of ``needs(params)`` for every row; returns a Selection."""
+
+    def select(self, table: pa.Table) -> Selection: ...

@@ -1,0 +1,1 @@
+"""Document selectors: one file per method (PreSelect, ICon, vote-k, SIFT) plus score thresholds."""

@@ -1,0 +1,1 @@
+"""Trainers: DeepSpeed loop, weighted losses, MoE balancing, mixture-of-depths."""
