@@ -17,6 +17,7 @@ from tokensift.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("tokensift.commands.run", "run a selection job (embedded local Ray, or --address) and write a snapshot"),
     "verify": ("tokensift.commands.verify", "check a snapshot's shard checksums and row counts"),
+    "bench": ("tokensift.commands.bench", "run the side-by-side benchmarks (writes bench/results.md)"),
     "sample-data": ("tokensift.commands.sample_data", "build the shipped multi-domain sample corpus"),
     "report": ("tokensift.commands.report", "write a snapshot's human report (markdown + PNG plots) into <snapshot>/report"),
     "submit": ("tokensift.commands.submit", "submit a selection job to a Ray cluster (Jobs API); --follow streams logs"),
