@@ -46,3 +46,12 @@ def test_stage_params_are_validated():
         resolve([{"stage": "tokenize", "resources": {"batch_size": "big"}}])
     (entry,) = resolve([{"stage": "score_threshold", "column": "s", "top_p": 0.25, "resources": {"concurrency": 3}}])
     assert entry.params.top_p == 0.25 and entry.resources.concurrency == 3
+
+
+def test_yaml_syntax_error_and_list_index_override(tmp_path):
+    p = write(tmp_path, "source: {paths: [a\n")
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load(RunConfig, p)
+    p = write(tmp_path, "source: {paths: [a]}\noutput: {path: o}\nstages: [{stage: tokenize}, {stage: score_threshold}]\n")
+    cfg = load(RunConfig, p, ["stages.1.top_p=0.5", "stages.1.column=n_tokens"])
+    assert cfg.stages[1].top_p == 0.5 and cfg.stages[1].column == "n_tokens"

@@ -123,6 +123,7 @@ def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path):
     )
     args = [f"source.paths=[{shards}/*.parquet]", "output.report=false", "output.rows_per_shard=100", stages]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("RAY_AUTH_MODE", None)  # the default: the embedded Ray runs with a fresh auth token
     code = "import sys, slow_stage; from tokensift.cli import main; sys.exit(main(sys.argv[1:]))"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
     """Connect to Ray once per process.
 
     Args:
-        address: ``None`` starts an embedded local Ray (loopback only, no dashboard); ``auto`` or
+        address: ``None`` starts an embedded local Ray (loopback only, no dashboard, token
+            authentication with a fresh token unless ``$RAY_AUTH_MODE`` is set); ``auto`` or
             ``ray://host:10001`` joins an existing cluster, as does a set ``$RAY_ADDRESS``.
         num_cpus: CPUs of the embedded Ray (``None``: all of this machine's).
         object_store_memory: bytes for the embedded Ray's object store.
     """
-    # Ray reads these when it is first imported: explicit values keep it on loopback, without auth surprises.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address and "RAY_AUTH_MODE" not in os.environ:
+        # the embedded Ray gets a fresh token: other users of this machine cannot reach it on loopback
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray reads these when it is first imported: they keep it on loopback and quiet
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
