@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -128,52 +129,11 @@ def _split(entries: list[StageEntry]) -> list[tuple[list[StageEntry], StageEntry
 
 
 def _run_segment(seg, maps, shards, cfg, work: WorkDir, segments) -> tuple[list[dict], dict]:
-    import ray
-    import ray.data
-
     pending = [s.index for s in shards if work.marker(seg, s.index) is None]
-    if pending:
-        from tokensift.pipeline.ledger import Ledger
-
-        ledger = Ledger.remote() if seg == 0 else None
-        if seg == 0:
-            items = [{"shard": i} for i in pending]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                read_source,
-                batch_size=1,
-                batch_format="pyarrow",
-                fn_kwargs={"shards": {s.index: s for s in shards}, "src": cfg.source, "ledger": ledger},
-                num_cpus=cfg.source.read_num_cpus,
-            )
-        else:
-            select = segments[seg - 1][1]
-            kept = pq.read_table(work.selection_path(seg - 1), columns=[schema.ID]).column(schema.ID).combine_chunks()
-            paths = [str(work.part(seg - 1, i)) for i in pending if work.part(seg - 1, i).is_file()]
-            ds = ray.data.read_parquet(paths) if paths else ray.data.from_items([])
-            ds = ds.map_batches(
-                keep_selected,
-                batch_size=None,
-                batch_format="pyarrow",
-                fn_kwargs={"kept_ids": kept, "rank_column": schema.rank_column(select.spec.name)},
-            )
-        ds = add_map_stages(ds, maps)
-
-        def write_part(shard: int, table: pa.Table | None):
-            info = {"rows": 0 if table is None else table.num_rows}
-            if table is not None:
-                info["seconds"] = {c: pa.compute.sum(table.column(c)).as_py() for c in table.column_names if c.startswith(TIME_PREFIX)}
-                work.write_part(seg, shard, table, info)
-            else:
-                work.part(seg, shard).parent.mkdir(parents=True, exist_ok=True)
-                write_json(work.part(seg, shard).with_suffix(".json"), info)
-            if ledger is not None:
-                info["source"] = ray.get(ledger.get.remote(shard))
-                write_json(work.part(seg, shard).with_suffix(".json"), info)
-
-        try:
-            stream_to_parts(ds, pending, write_part, desc=f"segment {seg}")
-        except Exception as e:  # Ray wraps stage and source errors; surface the original one
-            raise _unwrap(e) from None
+    if pending and seg > 0 and not maps:
+        _filter_parts(seg, pending, segments[seg - 1][1], work)  # a trailing select needs no Ray pass
+    elif pending:
+        _stream_segment(seg, maps, pending, shards, cfg, work, segments)
     markers = [work.marker(seg, s.index) for s in shards]
     rows = sum(m["rows"] for m in markers)
     reports = [
@@ -190,6 +150,71 @@ def _run_segment(seg, maps, shards, cfg, work: WorkDir, segments) -> tuple[list[
     ]
     stats = {s.index: m["source"] for s, m in zip(shards, markers, strict=True) if "source" in m}
     return reports, stats
+
+
+def _kept_ids(seg: int, work: WorkDir) -> pa.Array:
+    return pq.read_table(work.selection_path(seg), columns=[schema.ID]).column(schema.ID).combine_chunks()
+
+
+def _filter_parts(seg: int, pending: list[int], select: StageEntry, work: WorkDir) -> None:
+    """Apply select stage ``seg - 1`` to the previous segment's parts, shard by shard, in this process."""
+    kept, rank = _kept_ids(seg - 1, work), schema.rank_column(select.spec.name)
+    for shard in tqdm(pending, desc=f"segment {seg}", unit="shard"):
+        prev = work.part(seg - 1, shard)
+        table = keep_selected(pq.read_table(prev), kept, rank) if prev.is_file() else None
+        _write_part(work, seg, shard, table if table is not None and table.num_rows else None)
+
+
+def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) -> None:
+    """Read (source, or selected rows of the previous parts), run the map stages, cut into parts."""
+    import ray
+    import ray.data
+
+    from tokensift.pipeline.ledger import Ledger
+
+    ledger = Ledger.remote() if seg == 0 else None
+    if seg == 0:
+        items = [{"shard": i} for i in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_source,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"shards": {s.index: s for s in shards}, "src": cfg.source, "ledger": ledger},
+            num_cpus=cfg.source.read_num_cpus,
+        )
+    else:
+        select = segments[seg - 1][1]
+        paths = [str(work.part(seg - 1, i)) for i in pending if work.part(seg - 1, i).is_file()]
+        ds = ray.data.read_parquet(paths) if paths else ray.data.from_items([])
+        ds = ds.map_batches(
+            keep_selected,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={"kept_ids": _kept_ids(seg - 1, work), "rank_column": schema.rank_column(select.spec.name)},
+        )
+    ds = add_map_stages(ds, maps)
+
+    def write_part(shard: int, table: pa.Table | None):
+        source = ray.get(ledger.get.remote(shard)) if ledger is not None else None
+        _write_part(work, seg, shard, table, source)
+
+    try:
+        stream_to_parts(ds, pending, write_part, desc=f"segment {seg}")
+    except Exception as e:  # Ray wraps stage and source errors; surface the original one
+        raise _unwrap(e) from None
+
+
+def _write_part(work: WorkDir, seg: int, shard: int, table: pa.Table | None, source: dict | None = None) -> None:
+    """A shard's part and its completion marker (rows, stage seconds, source statistics)."""
+    info: dict = {"rows": 0 if table is None else table.num_rows}
+    if source is not None:
+        info["source"] = source
+    if table is None:
+        work.part(seg, shard).parent.mkdir(parents=True, exist_ok=True)
+        write_json(work.part(seg, shard).with_suffix(".json"), info)
+        return
+    info["seconds"] = {c: pc.sum(table.column(c)).as_py() for c in table.column_names if c.startswith(TIME_PREFIX)}
+    work.write_part(seg, shard, table, info)
 
 
 def _run_select(seg: int, e: StageEntry, shards, work: WorkDir) -> dict:
