@@ -20,6 +20,7 @@ import torch
 from tokensift.config import load
 from tokensift.pipeline import schema
 from tokensift.pipeline.loader import TokenLoader
+from tokensift.trainers.checkpoint import load_model_state
 from tokensift.trainers.config import TrainConfig
 from tokensift.trainers.losses import token_cross_entropy
 from tokensift.trainers.metrics import read_metrics
@@ -52,9 +53,7 @@ def train_arm(snapshot: Path, out_dir: Path, seed: int, overrides: list[str]) ->
     seconds = time.perf_counter() - t0
     records = read_metrics(metrics)
     model = build_model(cfg)
-    tag = (Path(out_dir) / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(Path(out_dir) / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    model.load_state_dict(state)
+    model.load_state_dict(load_model_state(Path(out_dir) / "checkpoints"))
     return model.eval(), {
         "tokens": sum(r["tokens"] for r in records),
         "backprop_tokens": sum(r["kept_fraction"] * r["tokens"] for r in records),

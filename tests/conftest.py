@@ -49,3 +49,23 @@ def smollm2():
     from tokensift.models.assets import smollm2
 
     return smollm2()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models run several times faster so when the 2 cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def remove_shm_buffers():
+    """Delete the shared-memory buffers DeepSpeed's CPU comm op leaves behind for this process's port."""
+    yield
+    port = os.environ.get("MASTER_PORT")
+    for f in Path("/dev/shm").glob(f"deepspeed_*_{port}_*") if port else []:
+        f.unlink(missing_ok=True)

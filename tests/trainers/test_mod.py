@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from tokensift.models.gpt import GPT, Block, GPTConfig, MoDBlock, MoDConfig
 from tokensift.trainers.mod import mod_capacity, positions_mask, routed_attention_mask, top_k_positions
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster single-threaded on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block(router_aux: str = "predictor", capacity: float = 0.125, seed: int = 0) -> MoDBlock:

@@ -28,13 +28,7 @@ def _deepspeed_gating():
     return pytest.importorskip("deepspeed.moe.sharded_moe")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster single-threaded on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(tokens=64, experts=8, seed=0, skew=2.0):

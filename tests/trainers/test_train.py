@@ -37,12 +37,7 @@ def snapshot(sample_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _remove_shm_buffers():
-    yield
-    port = os.environ.get("MASTER_PORT")
-    for f in Path("/dev/shm").glob(f"deepspeed_*_{port}_*") if port else []:
-        f.unlink(missing_ok=True)
+pytestmark = pytest.mark.usefixtures("remove_shm_buffers")
 
 
 def _cfg(snapshot, out, *extra):

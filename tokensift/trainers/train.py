@@ -59,17 +59,9 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             from tokensift.config import ConfigError
 
             raise ConfigError(f"model.gpt: {e}") from None
-    if cfg.model.path == "smollm2":
-        from tokensift.models.assets import smollm2
+    from tokensift.models.causal_lm import load_causal_lm
 
-        return smollm2()[0].train()
-    if cfg.model.gguf_file:
-        from tokensift.models.causal_lm import load_causal_lm
-
-        return load_causal_lm(cfg.model.path, gguf_file=cfg.model.gguf_file)[0].train()
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).train()
+    return load_causal_lm(cfg.model.path, gguf_file=cfg.model.gguf_file)[0].train()
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
