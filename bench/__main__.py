@@ -50,7 +50,8 @@ def run(names: list[str], quick: bool) -> list[dict]:
 
 def write(rows: list[dict], out: Path, quick: bool, host: str) -> None:
     def fmt(v):
-        return "—" if v is None else f"{v:,.4g}" if isinstance(v, float) else str(v)
+        text = "—" if v is None else f"{v:,.4g}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
 
     lines = [
         "# tokensift benchmarks",
@@ -63,7 +64,7 @@ def write(rows: list[dict], out: Path, quick: bool, host: str) -> None:
     ]
     lines += [
         f"| {r['group']} | {r['measure']} | {fmt(r.get('ours'))} | {fmt(r.get('anchor'))} | {r.get('unit', '')} "
-        f"| {fmt(r.get('ratio'))} | {r.get('note', '')} |"
+        f"| {fmt(r.get('ratio'))} | {fmt(r.get('note', ''))} |"
         for r in rows
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
