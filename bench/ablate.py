@@ -66,7 +66,7 @@ class Report:
         from bench.__main__ import machine
 
         self.args, self.start = args, time.time()
-        self.command = "python -m bench.ablate " + " ".join(argv)
+        self.command = " ".join(["python -m bench.ablate", *argv])
         self.machine = machine()
         self.data: dict = {"select": {}, "tokens": {}, "moe": None, "mod": None, "snapshot_info": {}, "seconds": {}}
 
