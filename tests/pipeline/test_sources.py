@@ -102,3 +102,9 @@ def test_null_id_is_an_error(tmp_path):
     pq.write_table(pa.table({"text": ["a", "b"], "id": ["x", None]}), tmp_path / "i.parquet")
     with pytest.raises(SourceError, match="i.parquet: row 1: column 'id' is null"):
         read_valid(tmp_path / "i.parquet")
+
+
+def test_a_snapshot_with_n_chars_reads_as_a_source(tmp_path):
+    pq.write_table(pa.table({"text": ["abc"], "n_chars": pa.array([99], pa.int64())}), tmp_path / "s.parquet")
+    table, _ = read_valid(tmp_path / "s.parquet")
+    assert table.column_names.count("n_chars") == 1 and table.column("n_chars").to_pylist() == [3]

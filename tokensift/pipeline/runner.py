@@ -44,7 +44,8 @@ def plan(cfg) -> tuple[list[StageEntry], list[sources.InputShard], list[str]]:
         sources.check(shard, cfg.source.text_column)
     keep = cfg.source.keep_columns
     columns = [schema.ID, schema.TEXT, schema.N_CHARS] + [
-        c for c in (keep if keep is not None else names) if c not in (cfg.source.text_column, cfg.source.id_column)
+        c for c in (keep if keep is not None else names)
+        if c not in (cfg.source.text_column, cfg.source.id_column, schema.N_CHARS)
     ]
     check_contract(entries, columns)
     return entries, shards, columns

@@ -228,5 +228,7 @@ def validate(table: pa.Table, shard: InputShard, on_invalid: str, max_doc_chars:
             raise SourceError(f"{shard.path}: row {row}: column 'text' {detail} (set source.on_invalid=skip to drop such rows)")
         skipped[reason] = count
         keep = pc.invert(mask) if keep is None else pc.and_(keep, pc.invert(mask))
+    if schema.N_CHARS in table.column_names:  # a snapshot as a source: recount, do not duplicate
+        table = table.drop_columns([schema.N_CHARS])
     table = table.append_column(schema.N_CHARS, n_chars)
     return (table.filter(keep) if keep is not None else table), skipped
