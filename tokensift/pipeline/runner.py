@@ -27,7 +27,7 @@ from tokensift.pipeline.segments import (
     TIME_PREFIX,
     add_map_stages,
     keep_selected,
-    read_source,
+    shard_datasource,
     stream_to_parts,
 )
 from tokensift.pipeline.workdir import WorkDir, write_json, write_parquet
@@ -175,12 +175,10 @@ def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) ->
 
     ledger = Ledger.remote() if seg == 0 else None
     if seg == 0:
-        items = [{"shard": i} for i in pending]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_source,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"shards": {s.index: s for s in shards}, "src": cfg.source, "ledger": ledger},
+        todo = [s for s in shards if s.index in set(pending)]
+        ds = ray.data.read_datasource(
+            shard_datasource(todo, cfg.source, ledger),
+            override_num_blocks=max(len(todo), 1),
             num_cpus=cfg.source.read_num_cpus,
         )
     else:

@@ -41,11 +41,10 @@ class TimedStage:
         return out.append_column(self.column, pa.array(np.full(out.num_rows, seconds / max(out.num_rows, 1))))
 
 
-def read_source(batch: pa.Table, shards: dict, src, ledger) -> pa.Table:
-    """Ray Data task: read one input shard, validate it, report its statistics to the ledger."""
+def read_shard(shard, src, ledger) -> pa.Table:
+    """Read one input shard, validate it, report its statistics to the ledger."""
     import ray
 
-    shard = shards[batch.column("shard")[0].as_py()]
     table = sources.read(shard, src.text_column, src.id_column)
     rows_read = table.num_rows
     table, skipped = sources.validate(table, shard, src.on_invalid, src.max_doc_chars)
@@ -61,6 +60,29 @@ def read_source(batch: pa.Table, shards: dict, src, ledger) -> pa.Table:
         table = table.select([schema.ID, schema.TEXT, schema.N_CHARS] + [c for c in keep if c not in (schema.ID, schema.TEXT)])
     ray.get(ledger.report.remote(shard.index, {"rows_read": rows_read, "skipped": skipped, "groups": groups}))
     return table.append_column(SHARD, pa.array(np.full(table.num_rows, shard.index, np.int32)))
+
+
+def shard_datasource(shards: list, src, ledger):
+    """A Ray Data datasource with one read task per input shard.
+
+    A read (unlike a ``map_batches`` over shard indices) is never fused into a downstream actor stage
+    that bundles rows up to its ``batch_size``, so shards are read in parallel and stream out one by one.
+    """
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class Shards(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            def task(shard):
+                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(shard.path,))
+                return ReadTask(lambda: [read_shard(shard, src, ledger)], meta, per_task_row_limit=per_task_row_limit)
+
+            return [task(s) for s in shards]
+
+    return Shards()
 
 
 def keep_selected(batch: pa.Table, kept_ids: pa.Array, rank_column: str) -> pa.Table:
