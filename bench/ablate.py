@@ -98,7 +98,7 @@ class Report:
             "means against twice its standard error.", "",
             *r.selection_section(d["select"], domains, a.target), "",
             "## 2. Token level: one snapshot, one token budget", "",
-            f"Snapshot: {d.get('tokens_info', {})}. Same GPT with the SmolLM2 vocabulary, {a.token_steps} steps of 8x{t.data.seq_len} tokens; loss on "
+            f"Snapshot: {d.get('tokens_info', {})}. Every arm trains the same randomly initialised 2x128 Llama decoder (HF transformers, SmolLM2 vocabulary), {a.token_steps} steps of 8x{t.data.seq_len} tokens; loss on "
             "response tokens (prompt masked) of heldout rows, nats per token.", "",
             *r.token_section(d["tokens"]), "",
             "## 3. Trainer features", "",
@@ -166,8 +166,6 @@ def run_tokens(args, report: Report, pool_ids: set[str]) -> None:
         return
     report.data["tokens_info"] = arms.shad_stats
     for arm in ARMS:
-        if arm == "sstoken (gamma=1)" and "runs" in report.data["tokens"].get("sstoken", {}):
-            continue  # only a fallback for when the full ssToken cannot run on this model
         t0 = time.time()
         try:
             report.data["tokens"][arm] = {"runs": [arms.run(arm, s, args.token_steps, args.eval_batches) for s in range(args.seeds)]}

@@ -3,9 +3,10 @@
 Data: prompt/response rows (instruction + math) of the ablation pool, SmolLM2 tokens, with SHAD's
 class-coded ``token_weights`` (``examples/ablate/tokens.yaml``: 0 prompt, 0.5 boilerplate, 1 reasoning). The
 plain, ESLM and ssToken arms train on the same rows with the response mask (weight 1 on every response
-token); RFT reads SHAD's classes from the coded weights. All arms train the same GPT (SmolLM2 vocabulary)
-for the same steps on the same packed batches (8 x 128 tokens: the 49k-row LM head dominates the cost);
-only the online scorer differs. Held-out loss: response
+token); RFT reads SHAD's classes from the coded weights. All arms train the same small HF Llama decoder
+(:func:`tiny_decoder`: randomly initialised, SmolLM2 vocabulary, so ssToken's attention term can read its
+last attention layer) for the same steps on the same packed batches (8 x 128 tokens: the 49k-row LM head
+dominates the cost); only the online scorer differs. Held-out loss: response
 tokens of heldout instruction rows and of the evaluation half of the target domain, nats per token.
 """
 
@@ -26,10 +27,21 @@ ARMS = {  # arm -> (snapshot kind, trainer overrides)
     "plain": ("mask", []),
     "eslm": ("mask", ["scorer.name=eslm"]),
     "sstoken": ("mask", ["scorer.name=sstoken"]),
-    # ssToken's attention term needs an HF decoder's attention; on the built-in GPT its loss term alone runs
-    "sstoken (gamma=1)": ("mask", ["scorer.name=sstoken", "scorer.params.gamma=1.0"]),
     "rft": ("shad", ["scorer.name=rft"]),
 }
+
+
+def tiny_decoder(path: Path, vocab: int, seq_len: int, layers: int = 2, width: int = 128) -> Path:
+    """A randomly initialised Llama decoder (seed 0) saved as an HF model directory: the token arms' model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
 
 
 def response_mask(table: pa.Table) -> pa.Table:
@@ -85,15 +97,18 @@ class TokenArms:
         }
         from transformers import AutoTokenizer
 
-        self.vocab = len(AutoTokenizer.from_pretrained(lm, gguf_file=SMOLLM2_GGUF))
+        from bench.ablate_train import train_config
+
+        vocab = len(AutoTokenizer.from_pretrained(lm, gguf_file=SMOLLM2_GGUF))
+        self.seq_len = train_config(self.shad, self.work, 0, []).data.seq_len
+        self.decoder = tiny_decoder(self.work / "tiny_decoder", vocab, self.seq_len)
 
     def run(self, arm: str, seed: int, steps: int, eval_batches: int | None) -> dict:
         kind, overrides = ARMS[arm]
-        out = self.work / "train_tokens" / f"{arm.split()[0]}{'-g1' if 'gamma=1' in arm else ''}-s{seed}"
+        out = self.work / "train_tokens" / f"{arm}-s{seed}"
         model, stats = train_arm(self.snapshots[kind], out, seed,
-                                 [f"max_steps={steps}", f"model.gpt.vocab_size={self.vocab}", "data.micro_batch_size=8",
-                                  *overrides])
-        seq_len = model.config.block_size
-        stats["loss"] = {name: heldout_loss(model, snap, seq_len, max_batches=eval_batches)
+                                 [f"max_steps={steps}", "model.kind=hf", f"model.path={self.decoder}",
+                                  "data.micro_batch_size=8", *overrides])
+        stats["loss"] = {name: heldout_loss(model, snap, self.seq_len, max_batches=eval_batches)
                          for name, snap in self.evals.items()}
         return stats

@@ -24,6 +24,7 @@ from tokensift.trainers.checkpoint import load_model_state
 from tokensift.trainers.config import TrainConfig
 from tokensift.trainers.losses import token_cross_entropy
 from tokensift.trainers.metrics import read_metrics
+from tokensift.trainers.step import forward_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = ROOT / "examples" / "ablate" / "train.yaml"
@@ -91,7 +92,7 @@ def heldout_loss(model: torch.nn.Module, eval_snapshot: Path, seq_len: int, batc
     for n, batch in enumerate(loader):
         if max_batches is not None and n >= max_batches:
             break
-        ce = token_cross_entropy(model(batch["input_ids"]), batch["labels"])
+        ce = token_cross_entropy(forward_logits(model, model, batch["input_ids"]), batch["labels"])
         total += float((ce * batch["loss_weights"]).sum())
         weight += float(batch["loss_weights"].sum())
     if weight == 0:

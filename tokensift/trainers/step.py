@@ -17,7 +17,7 @@ from tokensift.scorers.eslm import kept_head_loss
 from tokensift.trainers.losses import normalizer, token_cross_entropy, weighted_loss
 
 
-def _logits(engine: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def forward_logits(engine: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     out = engine(input_ids) if isinstance(module, GPT) else engine(input_ids=input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
 
@@ -25,7 +25,7 @@ def _logits(engine: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> to
 @torch.no_grad()
 def scored_weights(engine: nn.Module, module: nn.Module, batch: dict, scorer) -> torch.Tensor:
     """The scorer's weights for ``batch`` from a forward without gradient (used to pre-count kept tokens)."""
-    logits = _logits(engine, module, batch["input_ids"])
+    logits = forward_logits(engine, module, batch["input_ids"])
     token_loss = token_cross_entropy(logits, batch["labels"])
     return scorer(token_loss, logits, batch["loss_weights"], batch, module).detach()
 
@@ -47,7 +47,7 @@ def micro_batch_loss(
     """
     labels, weights = batch["labels"], batch["loss_weights"]
     if not isinstance(module, GPT):
-        logits = _logits(engine, module, batch["input_ids"])
+        logits = forward_logits(engine, module, batch["input_ids"])
         token_loss = token_cross_entropy(logits, labels)
         if scorer is not None:
             weights = scorer(token_loss.detach(), logits.detach(), weights, batch, module).detach()
