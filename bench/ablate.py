@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"),
                        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
+    args.work.mkdir(parents=True, exist_ok=True)
     report = Report(args, argv)
     for part in args.parts:
         t0 = time.time()
