@@ -78,12 +78,16 @@ class RayConfig:
         num_cpus: CPUs of the embedded Ray (``None``: all of this machine's).
         object_store_memory: bytes for the embedded Ray's object store.
         preserve_order: keep row order through Ray Data (needed for reproducible snapshots).
+        target_block_mb: Ray Data's ``target_max_block_size`` in MiB. Smaller than Ray's 128 MiB default, so
+            that the object-store budget of a model stage admits a task per actor (with 128 MiB blocks of
+            long documents, one actor of a pool worked while the others waited).
     """
 
     address: str | None = None
     num_cpus: int | None = None
     object_store_memory: int | None = 2_000_000_000
     preserve_order: bool = True
+    target_block_mb: float = 16.0
 
 
 @dataclass

@@ -86,7 +86,9 @@ def run(cfg, restart: bool = False) -> Path:
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     import ray.data
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = cfg.ray.preserve_order
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = cfg.ray.preserve_order
+    context.target_max_block_size = int(cfg.ray.target_block_mb * 2**20)
 
     stage_reports: list[dict] = []
     source_stats: dict[int, dict] = {}

@@ -21,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+ROW_GROUP = 8192  # rows per Parquet row group of parts: reading a part back decodes its groups in parallel
+
 
 class WorkDir:
     def __init__(self, out: Path, fingerprint: str, restart: bool = False):
@@ -83,7 +85,7 @@ class WorkDir:
 
 def write_parquet(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP)
     os.replace(tmp, path)
 
 
