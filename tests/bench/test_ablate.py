@@ -1,6 +1,6 @@
 """Pieces of the ablation harness (bench/ablate*.py) that do not need the whole run: the equal-token-budget
 cut, the target split, the verdict, SHAD's response mask, and training + held-out evaluation of a 2-layer GPT
-with the DeepSpeed trainer on real text."""
+and of the token arms' HF decoder (with ssToken's attention term) with the DeepSpeed trainer on real text."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a top-level package of the repository
 
 from bench.ablate_report import verdict  # noqa: E402
 from bench.ablate_select import budget_cut, docs_for_budget, target_split  # noqa: E402
-from bench.ablate_tokens import response_mask  # noqa: E402
+from bench.ablate_tokens import response_mask, tiny_decoder  # noqa: E402
 from bench.ablate_train import heldout_loss, train_arm, write_eval_snapshot  # noqa: E402
 from tokensift.pipeline.tokenize import TokenizeParams  # noqa: E402
 
@@ -100,3 +100,20 @@ def test_train_and_heldout_loss_on_a_2_layer_gpt(sample_dir, tmp_path):
         model.lm_head.weight.zero_()
     assert heldout_loss(model, heldout, 64, batch_size=4, max_batches=10) == pytest.approx(math.log(257), rel=1e-5)
     assert trained < math.log(257) - 1.0  # learned English bytes from 12 steps
+
+
+def test_token_arms_decoder_trains_with_full_sstoken(sample_dir, tmp_path):
+    """The token arms' HF decoder: full ssToken (gamma 0.5, with attention to the prompt) back-propagates
+    about rho = 0.6 of what plain training does on the same batches; held-out loss reads HF logits."""
+    params = TokenizeParams(tokenizer="byte", prompt_column="prompt", response_column="response", max_length=1000)
+    train = write_eval_snapshot(pq.read_table(sample_dir / "math.parquet").slice(0, 40), tmp_path / "train", params,
+                                mask_prompt=True)
+    decoder = tiny_decoder(tmp_path / "decoder", vocab=257, seq_len=64, layers=1, width=32)
+    common = ["max_steps=4", "model.kind=hf", f"model.path={decoder}", "data.seq_len=64", "data.micro_batch_size=4"]
+    plain_model, plain = train_arm(train, tmp_path / "plain", 0, common)
+    model, scored = train_arm(train, tmp_path / "sstoken", 0, [*common, "scorer.name=sstoken"])
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert scored["tokens"] == plain["tokens"] == 4 * 4 * 64
+    assert 0.5 * plain["backprop_tokens"] < scored["backprop_tokens"] < 0.7 * plain["backprop_tokens"]
+    loss = heldout_loss(model, train, 64, batch_size=4, max_batches=2)
+    assert abs(loss - math.log(257)) < 1.0  # near uniform over bytes after 4 steps from a random init
