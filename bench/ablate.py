@@ -72,6 +72,7 @@ class Report:
 
     def write(self) -> None:
         from bench import ablate_report as r
+        from bench.ablate_tokens import DECODER_LAYERS, DECODER_WIDTH
         from bench.ablate_train import TRAIN_CONFIG
         from tokensift.config import load
         from tokensift.trainers.config import TrainConfig
@@ -98,7 +99,7 @@ class Report:
             "means against twice its standard error.", "",
             *r.selection_section(d["select"], domains, a.target), "",
             "## 2. Token level: one snapshot, one token budget", "",
-            f"Snapshot: {d.get('tokens_info', {})}. Every arm trains the same randomly initialised 2x128 Llama decoder (HF transformers, SmolLM2 vocabulary), {a.token_steps} steps of 8x{t.data.seq_len} tokens; loss on "
+            f"Snapshot: {d.get('tokens_info', {})}. Every arm trains the same randomly initialised {DECODER_LAYERS}x{DECODER_WIDTH} Llama decoder (HF transformers, SmolLM2 vocabulary), {a.token_steps} steps of 8x{t.data.seq_len} tokens; loss on "
             "response tokens (prompt masked) of heldout rows, nats per token.", "",
             *r.token_section(d["tokens"]), "",
             "## 3. Trainer features", "",

@@ -31,7 +31,10 @@ ARMS = {  # arm -> (snapshot kind, trainer overrides)
 }
 
 
-def tiny_decoder(path: Path, vocab: int, seq_len: int, layers: int = 2, width: int = 128) -> Path:
+DECODER_LAYERS, DECODER_WIDTH = 2, 128  # the token arms' decoder
+
+
+def tiny_decoder(path: Path, vocab: int, seq_len: int, layers: int = DECODER_LAYERS, width: int = DECODER_WIDTH) -> Path:
     """A randomly initialised Llama decoder (seed 0) saved as an HF model directory: the token arms' model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -43,28 +43,14 @@ def _pool(corpus: pa.Table, n: int, out: Path) -> list[str]:
     """``n`` documents cycling through the corpus, with unique ids, in SHARDS Parquet files."""
     idx = np.arange(n) % corpus.num_rows
     table = corpus.take(pa.array(idx)).set_column(0, "id", pa.array([f"doc{i:07d}" for i in range(n)]))
-    out.mkdir()
+    out.mkdir(parents=True)
     for s, lo in enumerate(range(0, n, -(-n // SHARDS))):
         pq.write_table(table.slice(lo, -(-n // SHARDS)), out / f"pool-{s:02d}.parquet", row_group_size=1000)
     return table.column("text").to_pylist()
 
 
 def run(quick: bool = False) -> list[dict]:
-    rows = []
-    for n in [10_000] if quick else [200_000, 1_000_000]:
-        rows += measure(n)
-    return rows
-
-
-def measure(n: int) -> list[dict]:
-    """The end-to-end and stage rows for a pool of ``n`` documents."""
-    import fasttext
-    import ray
-
-    from tokensift.config import RunConfig, load
-    from tokensift.pipeline import runner
-    from tokensift.pipeline.ray_env import ensure_ray
-    from tokensift.selectors.fasttext_text import FastTextParams, normalise, train_classifier
+    from tokensift.selectors.fasttext_text import FastTextParams, train_classifier
 
     corpus = _corpus()
     with tempfile.TemporaryDirectory(prefix="bench-preselect-") as tmp:
@@ -74,30 +60,46 @@ def measure(n: int) -> list[dict]:
         model = train_classifier(
             texts[::2], ["1" if d == "news" else "0" for d in domains[::2]], tmp / "m.bin", FastTextParams(bucket=200_000)
         )
-        pool = _pool(corpus, n, tmp / "pool")
+        rows = []
+        for n in [10_000] if quick else [200_000, 1_000_000]:
+            rows += measure(n, corpus, model, tmp / f"n{n}")
+    return rows
 
-        raw = fasttext.load_model(str(model))
-        lines = [normalise(t) for t in pool]  # fastText rejects newlines; prepared off the clock
-        t0 = time.perf_counter()
-        raw.predict(lines, k=-1)
-        anchor = n / (time.perf_counter() - t0)
 
-        started = not ray.is_initialized()
-        ensure_ray(None, 2, 1_000_000_000)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        cfg = load(RunConfig, None, [
-            f"source.paths=[{tmp}/pool/*.parquet]",
-            f"output.path={tmp}/snap",
-            "output.report=false",
-            f"stages=[{{stage: preselect, model: {model}, resources: {{num_cpus: 0.5, concurrency: {cpus}, batch_size: 2048}}}},"
-            " {stage: score_threshold, column: preselect_score, top_p: 0.1, weight: chars}]",
-        ])
-        t0 = time.perf_counter()
-        out = runner.run(cfg)
-        wall = time.perf_counter() - t0
-        manifest = json.loads((out / "manifest.json").read_text())
-        if started:
-            ray.shutdown()
+def measure(n: int, corpus: pa.Table, model: Path, tmp: Path) -> list[dict]:
+    """The end-to-end and stage rows for a pool of ``n`` documents of ``corpus`` (files under ``tmp``)."""
+    import fasttext
+    import ray
+
+    from tokensift.config import RunConfig, load
+    from tokensift.pipeline import runner
+    from tokensift.pipeline.ray_env import ensure_ray
+    from tokensift.selectors.fasttext_text import normalise
+
+    pool = _pool(corpus, n, tmp / "pool")
+
+    raw = fasttext.load_model(str(model))
+    lines = [normalise(t) for t in pool]  # fastText rejects newlines; prepared off the clock
+    t0 = time.perf_counter()
+    raw.predict(lines, k=-1)
+    anchor = n / (time.perf_counter() - t0)
+
+    started = not ray.is_initialized()
+    ensure_ray(None, 2, 1_000_000_000)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cfg = load(RunConfig, None, [
+        f"source.paths=[{tmp}/pool/*.parquet]",
+        f"output.path={tmp}/snap",
+        "output.report=false",
+        f"stages=[{{stage: preselect, model: {model}, resources: {{num_cpus: 0.5, concurrency: {cpus}, batch_size: 2048}}}},"
+        " {stage: score_threshold, column: preselect_score, top_p: 0.1, weight: chars}]",
+    ])
+    t0 = time.perf_counter()
+    out = runner.run(cfg)
+    wall = time.perf_counter() - t0
+    manifest = json.loads((out / "manifest.json").read_text())
+    if started:
+        ray.shutdown()
     stage_seconds = manifest["stages"][0]["seconds"]
     ours_e2e, ours_stage = n / wall / cpus, n / stage_seconds
     kept = manifest["stages"][1]["rows_out"]

@@ -110,7 +110,7 @@ def test_token_arms_decoder_trains_with_full_sstoken(sample_dir, tmp_path):
                                 mask_prompt=True)
     decoder = tiny_decoder(tmp_path / "decoder", vocab=257, seq_len=64, layers=1, width=32)
     common = ["max_steps=4", "model.kind=hf", f"model.path={decoder}", "data.seq_len=64", "data.micro_batch_size=4"]
-    plain_model, plain = train_arm(train, tmp_path / "plain", 0, common)
+    _, plain = train_arm(train, tmp_path / "plain", 0, common)
     model, scored = train_arm(train, tmp_path / "sstoken", 0, [*common, "scorer.name=sstoken"])
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert scored["tokens"] == plain["tokens"] == 4 * 4 * 64

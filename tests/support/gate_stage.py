@@ -32,9 +32,9 @@ class Gate:
         return ["gated"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        held = self.gate and os.path.exists(self.gate) and self._holds(batch)
-        while held and os.path.exists(self.gate):
-            time.sleep(0.1)
+        if self.gate and os.path.exists(self.gate) and self._holds(batch):
+            while os.path.exists(self.gate):
+                time.sleep(0.1)
         return batch.append_column("gated", pa.array([True] * batch.num_rows))
 
     def _holds(self, batch: pa.Table) -> bool:

@@ -177,7 +177,8 @@ def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) ->
 
     ledger = Ledger.remote() if seg == 0 else None
     if seg == 0:
-        todo = [s for s in shards if s.index in set(pending)]
+        wanted = set(pending)
+        todo = [s for s in shards if s.index in wanted]
         ds = ray.data.read_datasource(
             shard_datasource(todo, cfg.source, ledger),
             override_num_blocks=max(len(todo), 1),
