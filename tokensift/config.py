@@ -34,7 +34,8 @@ class SourceConfig:
         max_doc_chars: longest document accepted.
         fingerprint: ``sha256`` of every input file, or ``stat`` (size + mtime) for very large inputs.
         group_column: column whose values are counted in and out (kept share per domain in the report).
-        read_num_cpus: CPUs per read task.
+        read_num_cpus: CPUs per read task (when the first stage has ``compute: tasks``, the read runs inside
+            its tasks and takes that stage's ``num_cpus``).
     """
 
     paths: list[str] = MISSING

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokensift.config import ConfigError, validate_params
-from tokensift.pipeline.stage import Resources
+from tokensift.pipeline.stage import COMPUTE, Resources
 
 # stage name -> module that registers it
 BUILTIN: dict[str, str] = {
@@ -94,7 +94,10 @@ def resolve(stages: list[Any]) -> list[StageEntry]:
         if "stage" not in raw:
             raise ConfigError(f"{where}: missing 'stage: <name>'")
         spec = get(raw.pop("stage"))
-        res = validate_params(Resources, dict(raw.pop("resources", {}) or {}), f"{where}.resources")
+        given = {**getattr(spec.cls, "default_resources", {}), **dict(raw.pop("resources", {}) or {})}
+        res = validate_params(Resources, given, f"{where}.resources")
+        if res.compute not in COMPUTE:
+            raise ConfigError(f"{where}.resources.compute: {res.compute!r} is not one of {', '.join(COMPUTE)}")
         params = validate_params(spec.params, raw, f"{where} ({spec.name})")
         out.append(StageEntry(i, spec, params, Resources(**res)))
     return out

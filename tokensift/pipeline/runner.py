@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +29,7 @@ from tokensift.pipeline.segments import (
     TIME_PREFIX,
     add_map_stages,
     keep_selected,
+    read_cpus,
     shard_datasource,
     stream_to_parts,
 )
@@ -162,10 +165,14 @@ def _kept_ids(seg: int, work: WorkDir) -> pa.Array:
 def _filter_parts(seg: int, pending: list[int], select: StageEntry, work: WorkDir) -> None:
     """Apply select stage ``seg - 1`` to the previous segment's parts, shard by shard, in this process."""
     kept, rank = _kept_ids(seg - 1, work), schema.rank_column(select.spec.name)
-    for shard in tqdm(pending, desc=f"segment {seg}", unit="shard"):
+
+    def one(shard: int) -> None:
         prev = work.part(seg - 1, shard)
         table = keep_selected(pq.read_table(prev), kept, rank) if prev.is_file() else None
         _write_part(work, seg, shard, table if table is not None and table.num_rows else None)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Parquet decoding and encoding release the GIL
+        list(tqdm(pool.map(one, pending), total=len(pending), desc=f"segment {seg}", unit="shard"))
 
 
 def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) -> None:
@@ -182,7 +189,7 @@ def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) ->
         ds = ray.data.read_datasource(
             shard_datasource(todo, cfg.source, ledger),
             override_num_blocks=max(len(todo), 1),
-            num_cpus=cfg.source.read_num_cpus,
+            num_cpus=read_cpus(maps, cfg.source.read_num_cpus),
         )
     else:
         select = segments[seg - 1][1]

@@ -41,6 +41,26 @@ class TimedStage:
         return out.append_column(self.column, pa.array(np.full(out.num_rows, seconds / max(out.num_rows, 1))))
 
 
+_BUILT: dict[tuple, TimedStage] = {}  # stages of task compute, built once per worker process
+
+
+def run_in_task(block: pa.Table, cls: type, params, label: str, column: str, batch_size: int) -> pa.Table:
+    """Ray Data task: run a ``compute: tasks`` stage over ``block`` in batches of ``batch_size`` rows.
+
+    The stage is built on the first call in a worker process and reused by its later tasks. The task is
+    called on whole blocks (``batch_size=None``) so that Ray Data fuses it into the read task before it.
+    """
+    key = (cls, label, column, repr(params))
+    if key not in _BUILT:
+        if len(_BUILT) >= 4:  # a long-lived worker serving many runs keeps the latest few stages
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = TimedStage(cls, params, label, column)
+    stage = _BUILT[key]
+    if block.num_rows <= batch_size:
+        return stage(block)
+    return pa.concat_tables([stage(block.slice(lo, batch_size)) for lo in range(0, block.num_rows, batch_size)])
+
+
 def read_shard(shard, src, ledger) -> pa.Table:
     """Read one input shard, validate it, report its statistics to the ledger."""
     import ray
@@ -93,15 +113,26 @@ def keep_selected(batch: pa.Table, kept_ids: pa.Array, rank_column: str) -> pa.T
 
 
 def add_map_stages(ds, entries: list[StageEntry]):
-    """Chain the segment's map stages as actor pools with their configured resources."""
+    """Chain the segment's map stages as actor pools or tasks, with their configured resources."""
     import ray.data
     from omegaconf import OmegaConf
 
     for e in entries:
         r = e.resources
+        args = (e.spec.cls, OmegaConf.to_object(e.params), e.label, f"{TIME_PREFIX}{e.index}")
+        if r.compute == "tasks":
+            ds = ds.map_batches(
+                run_in_task,
+                fn_args=(*args, r.batch_size),
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=r.num_cpus,
+                num_gpus=r.num_gpus,
+            )
+            continue
         ds = ds.map_batches(
             TimedStage,
-            fn_constructor_args=(e.spec.cls, OmegaConf.to_object(e.params), e.label, f"{TIME_PREFIX}{e.index}"),
+            fn_constructor_args=args,
             batch_size=r.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=r.concurrency),
@@ -109,6 +140,12 @@ def add_map_stages(ds, entries: list[StageEntry]):
             num_gpus=r.num_gpus,
         )
     return ds
+
+
+def read_cpus(entries: list[StageEntry], default: float) -> float:
+    """CPUs per read task: a first stage of task compute runs inside the read task, which takes its CPUs."""
+    first = entries[0].resources if entries else None
+    return first.num_cpus if first is not None and first.compute == "tasks" and not first.num_gpus else default
 
 
 def stream_to_parts(ds, pending: list[int], write_part, desc: str) -> None:

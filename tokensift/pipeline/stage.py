@@ -1,7 +1,7 @@
 """The stage protocol: map stages add columns batch by batch; select stages pick ids from gathered columns.
 
 A stage is registered by name (``tokensift.pipeline.registry.register``) with a params dataclass, so a
-config says ``{stage: votek, budget: 100}``. Map stages run on Ray actors (``map_batches``,
+config says ``{stage: votek, budget: 100}``. Map stages run on Ray actors or tasks (``map_batches``,
 ``batch_format="pyarrow"``); select stages run once over the gathered columns they need.
 """
 
@@ -12,19 +12,29 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
+COMPUTE = ("actors", "tasks")
+
 
 @dataclass
 class Resources:
-    """What one actor of a map stage asks Ray for.
+    """What one worker of a map stage asks Ray for.
+
+    A stage class may set ``default_resources`` (a dict of these fields); the config's ``resources``
+    override it field by field.
 
     Args:
-        num_cpus: CPUs per actor; keep it fractional on small machines (1 per actor starves the read task
-            on 2 CPUs).
-        num_gpus: GPUs per actor (0 on CPU machines).
-        concurrency: actors in the pool.
-        batch_size: rows per ``map_batches`` call.
+        compute: ``actors``: a pool of ``concurrency`` actors, each loading the stage once (models that
+            are slow to load). ``tasks``: Ray tasks, the stage built once per worker process and reused;
+            as the first stage of a run it runs inside the read tasks (they take its ``num_cpus``), so
+            input blocks never pass through the object store on their way to it (cheap-to-load stages).
+        num_cpus: CPUs per actor or task; keep actors fractional on small machines (1 per actor starves
+            the read task on 2 CPUs).
+        num_gpus: GPUs per actor or task (0 on CPU machines).
+        concurrency: actors in the pool (``actors`` only).
+        batch_size: rows per call of the stage.
     """
 
+    compute: str = "actors"
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     concurrency: int = 1

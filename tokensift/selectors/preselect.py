@@ -171,7 +171,13 @@ class PreSelectParams:
 
 @register("preselect", kind="map", params=PreSelectParams)
 class PreSelect:
-    """Writes ``preselect_score`` (float32): P(label | normalised text) under the fastText model."""
+    """Writes ``preselect_score`` (float32): P(label | normalised text) under the fastText model.
+
+    Runs as Ray tasks by default: the model loads in a fraction of a second, so each worker process loads it
+    once and scores inside the read tasks, one CPU each.
+    """
+
+    default_resources = {"compute": "tasks", "num_cpus": 1.0, "batch_size": 2048}
 
     def __init__(self, params: PreSelectParams):
         if not params.model:
