@@ -48,7 +48,13 @@ def run(names: list[str], quick: bool) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], out: Path, quick: bool, host: str) -> None:
+def merge(previous: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` replace the previous rows of their groups; other groups' rows are kept; sorted by group."""
+    ran = {r["group"] for r in rows}
+    return sorted([r for r in previous if r.get("group") not in ran] + rows, key=lambda r: r["group"])
+
+
+def write(rows: list[dict], out: Path, host: str) -> None:
     def fmt(v):
         text = "—" if v is None else f"{v:,.4g}" if isinstance(v, float) else str(v)
         return text.replace("|", "\\|").replace("\n", " ")
@@ -56,19 +62,20 @@ def write(rows: list[dict], out: Path, quick: bool, host: str) -> None:
     lines = [
         "# tokensift benchmarks",
         "",
-        f"Machine: {host}. Mode: {'quick' if quick else 'full'}. Command: `python -m bench{' --quick' if quick else ''}`.",
+        f"Machine: {host}. Command: `python -m bench [--quick] [--only GROUP ...]` (`--only` replaces the rows of",
+        "the groups it runs and keeps the others; the mode column says at which sizes each row was measured).",
         "Ours and anchor of each row are measured in the same run; ratio > 1 means ours is better (see note).",
         "",
-        "| group | measure | ours | anchor | unit | ratio | note |",
-        "| --- | --- | ---: | ---: | --- | ---: | --- |",
+        "| group | mode | measure | ours | anchor | unit | ratio | note |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | --- |",
     ]
     lines += [
-        f"| {r['group']} | {r['measure']} | {fmt(r.get('ours'))} | {fmt(r.get('anchor'))} | {r.get('unit', '')} "
-        f"| {fmt(r.get('ratio'))} | {fmt(r.get('note', ''))} |"
+        f"| {r['group']} | {r.get('mode', '')} | {r['measure']} | {fmt(r.get('ours'))} | {fmt(r.get('anchor'))} "
+        f"| {r.get('unit', '')} | {fmt(r.get('ratio'))} | {fmt(r.get('note', ''))} |"
         for r in rows
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": host, "quick": quick, "rows": rows}, indent=2, default=str))
+    out.with_suffix(".json").write_text(json.dumps({"machine": host, "rows": rows}, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     rows = run(args.only or modules(), args.quick)
-    write(rows, args.out, args.quick, machine())
+    for row in rows:
+        row["mode"] = f"{'quick' if args.quick else 'full'}, {time.strftime('%Y-%m-%d')}"
+    json_path = args.out.with_suffix(".json")
+    if args.only and json_path.is_file():
+        rows = merge(json.loads(json_path.read_text())["rows"], rows)
+    write(rows, args.out, machine())
     print(f"wrote {args.out.with_suffix('.md')}")
     return 0
 

@@ -15,8 +15,8 @@ dim 100; bucket 200,000 instead of 2,000,000 to keep the file at ~80 MB) trained
   one process per Ray CPU at once, each over its share of the pool's texts already in memory (newlines
   replaced off the clock), documents / (slowest process's seconds x processes). Measured just before and just
   after ours, and averaged, so that the VM's drift during the run weighs on both sides alike.
-- anchor, one process: the same ``predict`` in one process with the other cores idle (a single process has
-  the whole L3 cache and memory bandwidth to itself, so per core this is about 10 % above the all-cores rate).
+- anchor, one process: the same ``predict`` over all texts in one process, the other cores idle (it has the
+  L3 cache and memory bandwidth to itself; it also converts every text in one call). Reported for comparison.
 """
 
 from __future__ import annotations
