@@ -60,6 +60,11 @@ class OutputConfig:
         drop_columns: columns removed before writing (embeddings are large).
         overwrite: replace an existing snapshot at ``path``.
         report: write ``report/`` (markdown + plots) into the snapshot.
+        part_compression: Parquet codec of the per-shard parts in ``<path>.partial/``, temporary files the
+            driver writes as rows stream in and the snapshot writer reads back. ``none`` makes that
+            single-process sink about 6x cheaper in CPU per byte, for temporary disk about the size of the
+            rows in memory; ``zstd``, ``lz4`` or ``snappy`` trade that CPU for disk. The snapshot itself is
+            always compressed.
     """
 
     path: str = MISSING
@@ -67,6 +72,7 @@ class OutputConfig:
     drop_columns: list[str] = field(default_factory=lambda: ["embedding"])
     overwrite: bool = False
     report: bool = True
+    part_compression: str = "none"
 
 
 @dataclass

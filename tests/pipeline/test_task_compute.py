@@ -1,4 +1,4 @@
-"""``resources.compute: tasks``: the stage runs inside the read tasks, built once per worker process."""
+"""``resources.compute: tasks`` (the stage runs inside the read tasks, built once per worker process) and part codecs."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def shards(sample_dir, tmp_path_factory):
     return out
 
 
-def run(shards, out, stages):
-    cfg = load(RunConfig, None, [f"source.paths=[{shards}/*.parquet]", f"output.path={out}", "output.report=false"])
+def run(shards, out, stages, *overrides):
+    cfg = load(RunConfig, None, [f"source.paths=[{shards}/*.parquet]", f"output.path={out}", "output.report=false", *overrides])
     cfg.stages = stages
     return runner.run(cfg)
 
@@ -81,15 +81,22 @@ def test_task_stage_runs_inside_the_read_task_and_is_built_once_per_process(ray_
     assert stage["params"] == {"tag": str(tmp_path)} and stage["seconds"] > 0
 
 
-def test_task_and_actor_compute_publish_the_same_snapshot(ray_local, shards, tmp_path):
+def test_task_or_actor_compute_and_part_codec_do_not_change_the_snapshot(ray_local, shards, tmp_path):
     tail = {"stage": "score_threshold", "column": "n_tokens", "top_p": 0.3, "weight": "docs"}
     snaps = [
-        run(shards, tmp_path / compute, [{"stage": "tokenize", "resources": {"compute": compute, "batch_size": 16}}, tail])
-        for compute in ("tasks", "actors")
+        run(shards, tmp_path / compute, [{"stage": "tokenize", "resources": {"compute": compute, "batch_size": 16}}, tail],
+            f"output.part_compression={codec}")
+        for compute, codec in (("tasks", "none"), ("actors", "zstd"))
     ]
     a, b = (json.loads((s / "manifest.json").read_text()) for s in snaps)
     assert a["rows"] == b["rows"] == 144
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_unknown_part_codec_is_a_config_error(shards, tmp_path):
+    cfg = load(RunConfig, None, [f"source.paths=[{shards}/*.parquet]", f"output.path={tmp_path}/s", "output.part_compression=zip"])
+    with pytest.raises(ConfigError, match="output.part_compression: 'zip' is not one of none, zstd, lz4, snappy"):
+        runner.plan(cfg)
 
 
 def test_unknown_compute_is_a_config_error():

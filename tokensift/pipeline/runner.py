@@ -33,7 +33,7 @@ from tokensift.pipeline.segments import (
     shard_datasource,
     stream_to_parts,
 )
-from tokensift.pipeline.workdir import WorkDir, write_json, write_parquet
+from tokensift.pipeline.workdir import CODECS, WorkDir, write_json, write_parquet
 
 log = logging.getLogger("tokensift")
 
@@ -45,6 +45,8 @@ def plan(cfg) -> tuple[list[StageEntry], list[sources.InputShard], list[str]]:
     names = sources.check(shards[0], cfg.source.text_column)
     for shard in shards[1:]:
         sources.check(shard, cfg.source.text_column)
+    if cfg.output.part_compression not in CODECS:
+        raise ConfigError(f"output.part_compression: {cfg.output.part_compression!r} is not one of {', '.join(CODECS)}")
     keep = cfg.source.keep_columns
     columns = [schema.ID, schema.TEXT, schema.N_CHARS] + [
         c for c in (keep if keep is not None else names)
@@ -80,7 +82,7 @@ def run(cfg, restart: bool = False) -> Path:
     inputs = [sources.fingerprint(s, cfg.source.fingerprint) for s in tqdm(shards, desc="fingerprint inputs", unit="file")]
     config_yaml = to_yaml(cfg)
     fingerprint = _fingerprint(cfg, inputs)
-    work = WorkDir(out, fingerprint, restart=restart)
+    work = WorkDir(out, fingerprint, restart=restart, compression=cfg.output.part_compression)
     if work.resumed:
         log.warning("resuming the interrupted run in %s", work.root)
 
@@ -263,9 +265,10 @@ def _run_select(seg: int, e: StageEntry, shards, work: WorkDir) -> dict:
 
 
 def _fingerprint(cfg, inputs: list[dict]) -> str:
-    """What a resumed run must share with the interrupted one: config (less overwrite) and inputs."""
+    """What a resumed run must share with the interrupted one: config (less overwrite, part codec) and inputs."""
     c = OmegaConf.to_container(cfg, resolve=True)
     c["output"].pop("overwrite", None)
+    c["output"].pop("part_compression", None)
     c.pop("ray", None)
     return hashlib.sha256(json.dumps([c, inputs], sort_keys=True, default=str).encode()).hexdigest()
 

@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 LABEL_PREFIX = "__label__"
+# resources of a fastText scoring stage: the model loads in a fraction of a second, so each worker process
+# loads it once and scores inside the read tasks, one CPU each (no actor pool, no extra copy of the input)
+SCORING_RESOURCES = {"compute": "tasks", "num_cpus": 1.0, "batch_size": 2048}
 
 
 def normalise(text: str) -> str:

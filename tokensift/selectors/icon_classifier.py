@@ -22,7 +22,12 @@ import pyarrow as pa
 
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
-from tokensift.selectors.fasttext_text import FastTextParams, FastTextScorer, train_classifier
+from tokensift.selectors.fasttext_text import (
+    SCORING_RESOURCES,
+    FastTextParams,
+    FastTextScorer,
+    train_classifier,
+)
 from tokensift.selectors.icon_scorer import TEMPLATE, candidate_text
 
 CLASSIFY_SCORE = schema.score_column("icon_classify")
@@ -108,6 +113,8 @@ class IConClassifyParams:
 @register("icon_classify", kind="map", params=IConClassifyParams)
 class IConClassify:
     """Writes ``icon_classify_score`` = P(label 1) of a trained ICon classifier, for every row."""
+
+    default_resources = SCORING_RESOURCES  # Ray tasks inside the read tasks, one CPU each
 
     def __init__(self, params: IConClassifyParams):
         if not params.classifier:

@@ -29,7 +29,13 @@ import pyarrow as pa
 from tokensift.config import ConfigError
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
-from tokensift.selectors.fasttext_text import LABEL_PREFIX, FastTextParams, FastTextScorer, train_classifier
+from tokensift.selectors.fasttext_text import (
+    LABEL_PREFIX,
+    SCORING_RESOURCES,
+    FastTextParams,
+    FastTextScorer,
+    train_classifier,
+)
 
 SCORE = schema.score_column("preselect")
 
@@ -171,13 +177,9 @@ class PreSelectParams:
 
 @register("preselect", kind="map", params=PreSelectParams)
 class PreSelect:
-    """Writes ``preselect_score`` (float32): P(label | normalised text) under the fastText model.
+    """Writes ``preselect_score`` (float32): P(label | normalised text) under the fastText model."""
 
-    Runs as Ray tasks by default: the model loads in a fraction of a second, so each worker process loads it
-    once and scores inside the read tasks, one CPU each.
-    """
-
-    default_resources = {"compute": "tasks", "num_cpus": 1.0, "batch_size": 2048}
+    default_resources = SCORING_RESOURCES  # Ray tasks inside the read tasks, one CPU each
 
     def __init__(self, params: PreSelectParams):
         if not params.model:
