@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,8 +13,10 @@ import pytest
 
 from tokensift.config import ConfigError, RunConfig, load
 from tokensift.pipeline import runner
+from tokensift.pipeline.registry import register
 from tokensift.pipeline.snapshot import verify
 from tokensift.pipeline.sources import SourceError
+from tokensift.pipeline.stage import Selection
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,6 +105,32 @@ def test_contract_and_existing_output_checked_before_work(shards, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="output.overwrite"):
         runner.run(config(shards, tmp_path / "exists", "stages=[]"))
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+@register("test_select_unknown", kind="select", params=NoParams)
+class SelectUnknown:
+    """A broken select stage: keeps the first row and an id that is not in its input."""
+
+    def __init__(self, params):
+        pass
+
+    @classmethod
+    def needs(cls, params):
+        return ["id"]
+
+    def select(self, table: pa.Table) -> Selection:
+        return Selection(ids=[table.column("id")[0].as_py(), "no-such-id"])
+
+
+def test_select_stage_returning_an_unknown_id_fails_and_publishes_nothing(ray_local, shards, tmp_path):
+    with pytest.raises(RuntimeError, match=r"stages\[0\] \(test_select_unknown\) returned id\(s\) not in its input, e.g. 'no-such-id'"):
+        runner.run(config(shards, tmp_path / "snap", "stages=[{stage: test_select_unknown}]"))
+    assert not (tmp_path / "snap").exists()
 
 
 def test_verify_detects_tampering(ray_local, shards, tmp_path):

@@ -79,7 +79,9 @@ def run(cfg, restart: bool = False) -> Path:
     out = Path(cfg.output.path).expanduser().resolve()
     if out.exists() and not cfg.output.overwrite:
         raise FileExistsError(f"{out} exists; set output.overwrite=true to replace it")
-    inputs = [sources.fingerprint(s, cfg.source.fingerprint) for s in tqdm(shards, desc="fingerprint inputs", unit="file")]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
+        prints = pool.map(lambda s: sources.fingerprint(s, cfg.source.fingerprint), shards)
+        inputs = list(tqdm(prints, total=len(shards), desc="fingerprint inputs", unit="file"))
     config_yaml = to_yaml(cfg)
     fingerprint = _fingerprint(cfg, inputs)
     work = WorkDir(out, fingerprint, restart=restart, compression=cfg.output.part_compression)
@@ -245,9 +247,9 @@ def _run_select(seg: int, e: StageEntry, shards, work: WorkDir) -> dict:
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{e.label} returned an id more than once")
     if table is not None and ids:
-        unknown = set(ids) - set(table.column(schema.ID).to_pylist())
-        if unknown:
-            raise RuntimeError(f"{e.label} returned id(s) not in its input, e.g. {sorted(unknown)[0]!r}")
+        known = pc.is_in(pa.array(ids, pa.string()), value_set=table.column(schema.ID).combine_chunks())
+        if not pc.all(known).as_py():
+            raise RuntimeError(f"{e.label} returned id(s) not in its input, e.g. {ids[pc.index(known, False).as_py()]!r}")
     scores = selection.scores if selection and selection.scores is not None else [None] * len(ids)
     write_parquet(path, pa.table({schema.ID: pa.array(ids, pa.string()), "score": pa.array(scores, pa.float64())}))
     report = {

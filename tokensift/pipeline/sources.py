@@ -95,11 +95,8 @@ def fingerprint(shard: InputShard, how: str = "sha256") -> dict:
     st = os.stat(shard.path)
     out = {"path": shard.path, "format": shard.format, "bytes": st.st_size}
     if how == "sha256":
-        h = hashlib.sha256()
         with open(shard.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out["sha256"] = h.hexdigest()
+            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     else:
         out["mtime_ns"] = st.st_mtime_ns
     return out
