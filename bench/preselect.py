@@ -26,6 +26,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -72,18 +73,19 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-def _texts(paths: list[Path]) -> list[str]:
-    """The pool's texts as fastText scores them (newlines replaced: fastText rejects them)."""
+def _lines(texts: Iterable[str]) -> list[str]:
+    """Texts as fastText scores them (newlines replaced: fastText rejects them)."""
     from tokensift.selectors.fasttext_text import normalise
 
-    return [normalise(t) for p in paths for t in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
+    return [normalise(t) for t in texts]
 
 
 def _predict_timed(paths: list[Path], model: str, barrier, results) -> None:
     """One anchor process: load its texts and the model, wait for the others, time ``predict``."""
     import fasttext
 
-    lines, raw = _texts(paths), fasttext.load_model(model)
+    lines = _lines(t for p in paths for t in pq.read_table(p, columns=["text"]).column("text").to_pylist())
+    raw = fasttext.load_model(model)
     barrier.wait()
     t0 = time.perf_counter()
     raw.predict(lines, k=-1)
@@ -103,11 +105,11 @@ def anchor_all_cores(paths: list[Path], model: Path, cores: int) -> float:
     return sum(n for n, _ in done) / max(t for _, t in done) / cores
 
 
-def anchor_one_process(paths: list[Path], model: Path) -> float:
-    """Raw fastText ``predict`` docs/s in this process alone."""
+def anchor_one_process(texts: list[str], model: Path) -> float:
+    """Raw fastText ``predict`` docs/s over ``texts`` in this process alone."""
     import fasttext
 
-    lines, raw = _texts(paths), fasttext.load_model(str(model))
+    lines, raw = _lines(texts), fasttext.load_model(str(model))
     t0 = time.perf_counter()
     raw.predict(lines, k=-1)
     return len(lines) / (time.perf_counter() - t0)
@@ -123,7 +125,7 @@ def measure(n: int, corpus: pa.Table, model: Path, tmp: Path) -> list[dict]:
 
     pool = _pool(corpus, n, tmp / "pool")
     paths = sorted((tmp / "pool").glob("*.parquet"))
-    one = anchor_one_process(paths, model)
+    one = anchor_one_process(pool, model)
 
     started = not ray.is_initialized()
     ensure_ray(None, 2, 1_000_000_000)

@@ -146,6 +146,12 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def check_choice(where: str, value: Any, choices: tuple) -> None:
+    """A ``ConfigError`` naming the key ``where`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+
+
 def validate_params(params_cls: type, values: dict, where: str) -> Any:
     """Validate one stage's parameters against its dataclass; returns a typed ``DictConfig``."""
     try:

@@ -54,16 +54,6 @@ class Where:
 pytest.importorskip("ray").cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def shards(sample_dir, tmp_path_factory):
-    """12 Parquet shards of 40 real documents."""
-    out = tmp_path_factory.mktemp("shards")
-    table = pq.read_table(sample_dir / "news.parquet", columns=["id", "text", "domain"]).slice(0, 480)
-    for i in range(12):
-        pq.write_table(table.slice(i * 40, 40), out / f"part-{i:02d}.parquet")
-    return out
-
-
 def run(shards, out, stages, *overrides):
     cfg = load(RunConfig, None, [f"source.paths=[{shards}/*.parquet]", f"output.path={out}", "output.report=false", *overrides])
     cfg.stages = stages

@@ -9,7 +9,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from tokensift.config import ConfigError, validate_params
+from tokensift.config import ConfigError, check_choice, validate_params
 from tokensift.pipeline.stage import COMPUTE, Resources
 
 # stage name -> module that registers it
@@ -96,8 +96,7 @@ def resolve(stages: list[Any]) -> list[StageEntry]:
         spec = get(raw.pop("stage"))
         given = {**getattr(spec.cls, "default_resources", {}), **dict(raw.pop("resources", {}) or {})}
         res = validate_params(Resources, given, f"{where}.resources")
-        if res.compute not in COMPUTE:
-            raise ConfigError(f"{where}.resources.compute: {res.compute!r} is not one of {', '.join(COMPUTE)}")
+        check_choice(f"{where}.resources.compute", res.compute, COMPUTE)
         params = validate_params(spec.params, raw, f"{where} ({spec.name})")
         out.append(StageEntry(i, spec, params, Resources(**res)))
     return out

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from tokensift.config import ConfigError, to_yaml
+from tokensift.config import ConfigError, check_choice, to_yaml
 from tokensift.pipeline import registry, schema, snapshot, sources
 from tokensift.pipeline.registry import StageEntry
 from tokensift.pipeline.segments import (
@@ -45,8 +45,7 @@ def plan(cfg) -> tuple[list[StageEntry], list[sources.InputShard], list[str]]:
     names = sources.check(shards[0], cfg.source.text_column)
     for shard in shards[1:]:
         sources.check(shard, cfg.source.text_column)
-    if cfg.output.part_compression not in CODECS:
-        raise ConfigError(f"output.part_compression: {cfg.output.part_compression!r} is not one of {', '.join(CODECS)}")
+    check_choice("output.part_compression", cfg.output.part_compression, CODECS)
     keep = cfg.source.keep_columns
     columns = [schema.ID, schema.TEXT, schema.N_CHARS] + [
         c for c in (keep if keep is not None else names)
@@ -79,12 +78,10 @@ def run(cfg, restart: bool = False) -> Path:
     out = Path(cfg.output.path).expanduser().resolve()
     if out.exists() and not cfg.output.overwrite:
         raise FileExistsError(f"{out} exists; set output.overwrite=true to replace it")
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
-        prints = pool.map(lambda s: sources.fingerprint(s, cfg.source.fingerprint), shards)
-        inputs = list(tqdm(prints, total=len(shards), desc="fingerprint inputs", unit="file"))
+    inputs = _on_threads(lambda s: sources.fingerprint(s, cfg.source.fingerprint), shards, "fingerprint inputs", "file")
     config_yaml = to_yaml(cfg)
     fingerprint = _fingerprint(cfg, inputs)
-    work = WorkDir(out, fingerprint, restart=restart, compression=cfg.output.part_compression)
+    work = WorkDir(out, fingerprint, cfg.output.part_compression, restart=restart)
     if work.resumed:
         log.warning("resuming the interrupted run in %s", work.root)
 
@@ -175,8 +172,13 @@ def _filter_parts(seg: int, pending: list[int], select: StageEntry, work: WorkDi
         table = keep_selected(pq.read_table(prev), kept, rank) if prev.is_file() else None
         _write_part(work, seg, shard, table if table is not None and table.num_rows else None)
 
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Parquet decoding and encoding release the GIL
-        list(tqdm(pool.map(one, pending), total=len(pending), desc=f"segment {seg}", unit="shard"))
+    _on_threads(one, pending, f"segment {seg}", "shard")
+
+
+def _on_threads(fn, items: list, desc: str, unit: str) -> list:
+    """``[fn(x) for x in items]`` on one thread per CPU, with a progress bar (hashing and Parquet I/O release the GIL)."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit))
 
 
 def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) -> None:

@@ -26,7 +26,7 @@ CODECS = ("none", "zstd", "lz4", "snappy")  # for parts (output.part_compression
 
 
 class WorkDir:
-    def __init__(self, out: Path, fingerprint: str, restart: bool = False, compression: str = "none"):
+    def __init__(self, out: Path, fingerprint: str, compression: str, restart: bool = False):
         self.out, self.compression = out, compression
         self.root = out.with_name(out.name + ".partial")
         if restart and self.root.exists():
