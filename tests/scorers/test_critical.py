@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokensift.scorers import common, critical
+from tokensift.scorers import critical, finetune
 
 
 def test_contrastive_score_equals_the_normalised_likelihood_ratio():
@@ -58,7 +58,7 @@ def test_critical_weight_peaks_at_the_wrong_operation(smollm2):
     bad = [encode(a, b, "-") for a, b in pairs]
     pos, neg = copy.deepcopy(model), copy.deepcopy(model)
     for m, data in ((pos, good), (neg, bad)):
-        common.finetune_lm(m, [s for s, _ in data], np.array([p for _, p in data]), steps=6, lr=3e-4, batch_size=4, last_layers=2)
+        finetune.finetune_lm(m, [s for s, _ in data], np.array([p for _, p in data]), steps=6, lr=3e-4, batch_size=4, last_layers=2)
     seq, p = encode(13, 4, "-")
     w = critical.critical_weights(pos, neg, [seq], [p])[0]
     assert len(w) == len(seq) and np.all(w[:p] == 0)

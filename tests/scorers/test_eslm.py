@@ -4,7 +4,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tokensift.models.causal_lm import token_losses
 from tokensift.pipeline import schema
@@ -53,35 +52,7 @@ def test_entropy_scores_hand_computed():
         eslm.risk_scores("margin", torch.zeros(2), logits)
 
 
-def test_kept_head_loss_matches_dense_gradient_and_skips_unkept_rows():
-    g = torch.Generator().manual_seed(0)
-    B, T, C, V = 2, 7, 5, 11
-    hidden = torch.randn(B, T, C, generator=g, dtype=torch.float64, requires_grad=True)
-    head = torch.nn.Linear(C, V, bias=True).double()
-    labels = torch.randint(0, V, (B, T), generator=g)
-    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * (torch.rand(B, T, generator=g) > 0.4)
-    with torch.no_grad():
-        logits = head(hidden)
-    loss = eslm.kept_head_loss(hidden, head, logits, labels, weights)
-    loss.backward()
-    ours = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
-    hidden.grad = None
-    head.zero_grad()
-    ce = F.cross_entropy(head(hidden).transpose(1, 2), labels, reduction="none")
-    dense = (weights * ce).sum() / weights.sum()
-    dense.backward()
-    assert loss.item() == pytest.approx(dense.item(), rel=1e-12)
-    for a, b in zip(ours, [hidden.grad, head.weight.grad, head.bias.grad], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert torch.all(ours[0][weights == 0] == 0)
-
-
-def test_head_flops_hand_computed():
-    f = eslm.head_flops(n_tokens=100, n_kept=30, d_model=8, vocab=50)
-    assert f == {"dense": 3 * 2 * 8 * 50 * 100, "kept": 2 * 8 * 50 * 100 + 4 * 8 * 50 * 30, "saved": 4 * 8 * 50 * 70}
-
-
-def test_online_scorer_keeps_top_losses_and_ada_rule():
+def test_online_scorer_keeps_top_losses_and_our_risk_share_rule():
     scorer = get_online_scorer("eslm", {"alpha": 0.5})
     loss = torch.tensor([[4.0, 1.0, 3.0, 2.0, 9.0, 0.5]])
     w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 1.0]])  # the 9.0 is padding and must stay out
@@ -91,10 +62,13 @@ def test_online_scorer_keeps_top_losses_and_ada_rule():
     # risk share: scores 4,3,2,1 (total 10); 0.7 of the risk is in the top 2 -> alpha* = 1 - 2/4
     assert eslm.risk_share_alpha(torch.tensor([1.0, 4.0, 2.0, 3.0]), 0.7) == pytest.approx(0.5)
     assert eslm.risk_share_alpha(torch.ones(10), 0.8) == pytest.approx(0.2)  # uniform risk: keep 80%
-    ada = get_online_scorer("eslm", {"alpha": 0.2, "adaptive": True, "risk_share": 0.7, "smoothing": 0.5})
+    ada = get_online_scorer("eslm", {"alpha": 0.2, "alpha_rule": "risk_share", "risk_share": 0.7, "smoothing": 0.5})
     ada(torch.tensor([[1.0, 4.0, 2.0, 3.0]]), None, torch.ones(1, 4), {}, None)
     ada.on_step_end(None)
     assert ada.alpha == pytest.approx(0.5 * 0.2 + 0.5 * 0.5)
+    again = get_online_scorer("eslm", {"alpha": 0.2, "alpha_rule": "risk_share"})
+    again.load_state_dict(ada.state_dict())
+    assert again.alpha == ada.alpha
     with pytest.raises(Exception, match="alpah"):
         get_online_scorer("eslm", {"alpah": 0.3})
 

@@ -9,7 +9,7 @@ import torch
 
 from tokensift.pipeline import schema
 from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
-from tokensift.scorers import common, shad
+from tokensift.scorers import finetune, shad
 from tokensift.scorers.online import get_online_scorer
 
 
@@ -77,7 +77,7 @@ def test_shad_marks_template_tokens_boilerplate_and_answers_reasoning(smollm2, a
     model, _ = smollm2
     _, _, seqs, plens, head, held_out = agent_data
     original = copy.deepcopy(model)
-    common.finetune_lm(original, seqs, plens, steps=3, lr=1e-3, batch_size=6, last_layers=2, seed=1)
+    finetune.finetune_lm(original, seqs, plens, steps=3, lr=1e-3, batch_size=6, last_layers=2, seed=1)
     shuffled = shad.shuffle_tune(original, seqs, plens, steps=12, lr=1e-3, batch_size=6, last_layers=2, seed=0)
     test_seqs = [np.asarray(r, np.int64) for r in held_out.column(schema.INPUT_IDS).to_pylist()]
     lds = shad.loss_difference(original, shuffled, test_seqs)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tokensift.models.causal_lm import token_losses
 from tokensift.pipeline import schema
-from tokensift.scorers import common, sstoken
+from tokensift.scorers import common, finetune, sstoken
 from tokensift.scorers.online import get_online_scorer
 
 # Kept response positions produced by the official ssToken release (``filter_tokens_with_attention_loss`` in
@@ -84,7 +84,7 @@ def tuned_dir(smollm2, tmp_path_factory):
     model, tok = smollm2
     cur = copy.deepcopy(model)
     seq = np.asarray(tok("Question: where is Paris?\nAnswer: Paris is the capital of France.")["input_ids"])
-    common.finetune_lm(cur, [seq], np.array([8]), steps=3, lr=1e-4, batch_size=1, last_layers=2)
+    finetune.finetune_lm(cur, [seq], np.array([8]), steps=3, lr=1e-4, batch_size=1, last_layers=2)
     out = tmp_path_factory.mktemp("sstoken-current")
     cur.save_pretrained(out)
     tok.save_pretrained(out)

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokensift.models.gpt import GPT, GPTConfig
+from tokensift.trainers import losses
 from tokensift.trainers.losses import global_denominator, token_cross_entropy, weighted_loss
 from tokensift.trainers.step import micro_batch_loss
 
@@ -106,3 +108,31 @@ def test_online_scorer_weights_enter_the_loss(hidden_path):
     den = torch.tensor(float(keep.sum()) / 4)
     scaled, _, _ = micro_batch_loss(engine, model if hidden_path else torch.nn.Identity(), batch, _TopHalf(), "global", den)
     torch.testing.assert_close(scaled, 4 * ce[keep].mean().detach())
+
+
+def test_kept_head_loss_matches_dense_gradient_and_skips_unkept_rows():
+    g = torch.Generator().manual_seed(0)
+    B, T, C, V = 2, 7, 5, 11
+    hidden = torch.randn(B, T, C, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(C, V, bias=True).double()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * (torch.rand(B, T, generator=g) > 0.4)
+    with torch.no_grad():
+        logits = head(hidden)
+    loss = losses.kept_head_loss(hidden, head, logits, labels, weights)
+    loss.backward()
+    ours = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = None
+    head.zero_grad()
+    ce = F.cross_entropy(head(hidden).transpose(1, 2), labels, reduction="none")
+    dense = (weights * ce).sum() / weights.sum()
+    dense.backward()
+    assert loss.item() == pytest.approx(dense.item(), rel=1e-12)
+    for a, b in zip(ours, [hidden.grad, head.weight.grad, head.bias.grad], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.all(ours[0][weights == 0] == 0)
+
+
+def test_head_flops_hand_computed():
+    f = losses.head_flops(n_tokens=100, n_kept=30, d_model=8, vocab=50)
+    assert f == {"dense": 3 * 2 * 8 * 50 * 100, "kept": 2 * 8 * 50 * 100 + 4 * 8 * 50 * 30, "saved": 4 * 8 * 50 * 70}

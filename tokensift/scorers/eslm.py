@@ -9,23 +9,25 @@ plain causal LM. Scores are stop-gradient. Selection is per micro-batch on each 
 say per device or global; per device needs no communication). No reference code exists; alpha's default
 (0.5) is ours, the paper sweeps it.
 
-**Ada-ESLM** (the paper's rule could not be read; this one is ours): after each step, alpha moves toward
+**Ada-ESLM** (the paper's adaptive alpha) is not implemented: its update rule could not be read here (no
+public code; the stored copies of arXiv 2505.19893 and of its ICLR 2026 OpenReview version hold only the
+abstract: "Ada-ESLM adaptively tunes the selection confidence during training"). What ``alpha_rule:
+risk_share`` offers instead is **our own controller, not the paper's**: after each step, alpha moves toward
 the level at which the kept tokens carry a fixed share ``q`` (``risk_share``, 0.8) of the batch's total
 risk, ``alpha* = 1 - k*/n`` with ``k*`` the fewest top-scored tokens whose scores sum to ``q`` of the total,
-smoothed ``alpha <- s*alpha + (1-s)*alpha*`` and clipped to ``[alpha_min, alpha_max]``. Why: a fixed alpha
-keeps the same share whether the risk is spread out (early training: most tokens still matter, so alpha
-falls and more are kept) or concentrated in a few hard tokens (later: alpha rises and the easy tokens stop
-costing backward compute). The rule is scale-free (units of loss cancel) and needs no validation set.
+smoothed ``alpha <- s*alpha + (1-s)*alpha*`` and clipped to ``[alpha_min, alpha_max]``. A fixed alpha keeps
+the same share whether the risk is spread out (early training: alpha falls, more is kept) or concentrated in
+a few hard tokens (later: alpha rises). It is scale-free (units of loss cancel) and needs no validation set.
 
-Compute: the LM-head backward is skipped for unkept tokens by :func:`kept_head_loss` (the logits already
-computed for scoring are reused; only kept rows enter the backward matmuls). A dense trunk still runs its
-full backward because kept tokens attend to dropped ones; :func:`head_flops` counts what is saved.
+Compute: for the built-in GPT the trainer skips the LM-head backward of unkept tokens
+(``tokensift.trainers.losses.kept_head_loss``). A dense trunk still runs its full backward because kept
+tokens attend to dropped ones.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -91,88 +93,43 @@ def risk_share_alpha(scores: torch.Tensor, share: float) -> float:
     return 1.0 - min(k, s.numel()) / s.numel()
 
 
-class _KeptHeadCE(torch.autograd.Function):
-    """Weighted CE of kept rows from precomputed logits; backward only through the kept rows of the head."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, logits, labels, w):
-        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        ce = -logp.gather(1, labels[:, None]).squeeze(1)
-        scale = (w / w.sum()).to(logp.dtype)
-        ctx.save_for_backward(h, weight, logp, labels, scale)
-        ctx.has_bias = bias is not None
-        return (scale * ce).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight, logp, labels, scale = ctx.saved_tensors
-        d = logp.exp()
-        d[torch.arange(len(labels)), labels] -= 1.0
-        d = (d * (scale * grad)[:, None]).to(h.dtype)
-        dh = d @ weight
-        dw = d.t() @ h
-        db = d.sum(0) if ctx.has_bias else None
-        return dh, dw.to(weight.dtype), db, None, None, None
-
-
-def kept_head_loss(
-    hidden: torch.Tensor, head: torch.nn.Linear, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """``sum_t w_t CE(head(h_t), y_t) / sum_t w_t`` over tokens with ``w_t > 0``; the head's backward sees only them.
-
-    Args:
-        hidden: final hidden states [B,T,C] (with grad), the input of ``head``.
-        head: the LM head (``nn.Linear``, weight [V,C], tied or not).
-        logits: ``head(hidden)`` computed without grad for scoring [B,T,V]; reused, not recomputed.
-        labels: targets [B,T]; weights: [B,T] (the scorer's output: 0 = not kept).
-
-    The gradient equals that of the dense weighted CE, but the backward matmuls cost ``4*C*V`` FLOPs per
-    kept token instead of per token (see :func:`head_flops`).
-    """
-    keep = weights > 0
-    if not bool(keep.any()):
-        return hidden.sum() * 0.0
-    return _KeptHeadCE.apply(
-        hidden[keep], head.weight, head.bias, logits.detach()[keep], labels[keep], weights[keep]
-    )
-
-
-def head_flops(n_tokens: int, n_kept: int, d_model: int, vocab: int) -> dict[str, float]:
-    """LM-head FLOPs of one step: dense CE vs :func:`kept_head_loss` (forward 2CV/token, backward 4CV/token)."""
-    fwd = 2.0 * d_model * vocab
-    dense = 3.0 * fwd * n_tokens
-    ours = fwd * n_tokens + 2.0 * fwd * n_kept
-    return {"dense": dense, "kept": ours, "saved": dense - ours}
+ALPHA_RULES = ("fixed", "risk_share")
 
 
 @dataclass
 class ESLMParams:
     """Args:
     score: ``loss`` or ``entropy``.
-    alpha: confidence level in [0, 1): keep the top ``1 - alpha`` of the valid tokens.
-    adaptive: Ada-ESLM (alpha follows the risk-share rule of the module docstring).
-    risk_share: Ada-ESLM's share ``q`` of the batch risk the kept tokens should carry.
-    smoothing: Ada-ESLM's smoothing ``s`` of alpha between steps.
-    alpha_min, alpha_max: Ada-ESLM's bounds for alpha.
+    alpha: confidence level in [0, 1): keep the top ``1 - alpha`` of the valid tokens (the start value
+        under ``risk_share``).
+    alpha_rule: ``fixed`` (ESLM) or ``risk_share`` (our controller of the module docstring; not Ada-ESLM).
+    risk_share: ``risk_share``'s share ``q`` of the batch risk the kept tokens should carry.
+    smoothing: ``risk_share``'s smoothing ``s`` of alpha between steps.
+    alpha_min, alpha_max: ``risk_share``'s bounds for alpha.
     """
 
-    score: str = "loss"
-    alpha: float = 0.5
-    adaptive: bool = False
-    risk_share: float = 0.8
-    smoothing: float = 0.9
-    alpha_min: float = 0.0
-    alpha_max: float = 0.9
+    score: str = field(default="loss", metadata={"choices": ("loss", "entropy")})
+    alpha: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
+    alpha_rule: str = field(default="fixed", metadata={"choices": ALPHA_RULES})
+    risk_share: float = field(default=0.8, metadata={"gt": 0.0, "le": 1.0})
+    smoothing: float = field(default=0.9, metadata={"ge": 0.0, "le": 1.0})
+    alpha_min: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+    alpha_max: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0})
 
 
 class ESLMScorer:
-    """Online ESLM / Ada-ESLM: returns ``weights * keep`` (the trainer's weighted mean is then the CVaR)."""
+    """Online ESLM: returns ``weights * keep`` (the trainer's weighted mean is then the CVaR).
+
+    State (``state_dict``): the current alpha, which ``risk_share`` moves between steps.
+    """
 
     Params = ESLMParams
 
     def __init__(self, params: ESLMParams):
         risk_scores(params.score, torch.zeros(1), torch.zeros(1, 1))  # validates ``score``
         select_mask(torch.zeros(1), params.alpha)  # validates ``alpha``
+        if params.alpha_rule not in ALPHA_RULES:
+            raise ValueError(f"eslm: alpha_rule must be one of {', '.join(ALPHA_RULES)}, got {params.alpha_rule!r}")
         if not 0 < params.risk_share <= 1 or not 0 <= params.alpha_min <= params.alpha_max < 1:
             raise ValueError("eslm: need 0 < risk_share <= 1 and 0 <= alpha_min <= alpha_max < 1")
         self.p = params
@@ -185,14 +142,14 @@ class ESLMScorer:
         valid = weights > 0
         scores = risk_scores(self.p.score, token_loss, logits)
         keep = select_mask(scores, self.alpha, valid)
-        if self.p.adaptive:
+        if self.p.alpha_rule == "risk_share":
             self._target.append(risk_share_alpha(scores[valid], self.p.risk_share))
         self._kept += int(keep.sum())
         self._valid += int(valid.sum())
         return weights * keep
 
     def on_step_end(self, model) -> None:
-        if self.p.adaptive and self._target:
+        if self.p.alpha_rule == "risk_share" and self._target:
             target = float(np.mean(self._target))
             a = self.p.smoothing * self.alpha + (1 - self.p.smoothing) * target
             self.alpha = min(max(a, self.p.alpha_min), self.p.alpha_max)
@@ -203,6 +160,12 @@ class ESLMScorer:
         self._kept = self._valid = 0
         return {"eslm/alpha": self.alpha, "eslm/kept_fraction": kept}
 
+    def state_dict(self) -> dict:
+        return {"alpha": float(self.alpha)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha = float(state["alpha"])
+
 
 @dataclass
 class ESLMStageParams(common.LMParams):
@@ -211,8 +174,8 @@ class ESLMStageParams(common.LMParams):
     alpha: keep the top ``1 - alpha`` of each document's scored tokens (weight 1; others 0).
     """
 
-    score: str = "loss"
-    alpha: float = 0.5
+    score: str = field(default="loss", metadata={"choices": ("loss", "entropy")})
+    alpha: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
 
 
 @register("eslm", kind="map", params=ESLMStageParams)

@@ -36,7 +36,7 @@ from tokensift.models.causal_lm import token_losses
 from tokensift.pipeline import schema, sources
 from tokensift.pipeline.registry import register
 from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
-from tokensift.scorers import common
+from tokensift.scorers import common, finetune
 
 
 def shuffle_pairs(
@@ -58,7 +58,7 @@ def shuffle_tune(model, sequences, prompt_lengths, steps: int, lr: float, batch_
     """A copy of ``model`` fine-tuned on the shuffled pairs (SHAD step 2); ``model`` is unchanged."""
     shuffled, plens = shuffle_pairs(sequences, prompt_lengths, seed)
     tuned = copy.deepcopy(model)
-    common.finetune_lm(tuned, shuffled, plens, steps, lr, batch_size, last_layers, seed)
+    finetune.finetune_lm(tuned, shuffled, plens, steps, lr, batch_size, last_layers, seed)
     return tuned
 
 

@@ -11,6 +11,9 @@ by an online token scorer; a mask is ``w`` in {0, 1}):
   by the ``G`` accumulation steps and data-parallel training averages over the ``D`` ranks, so the
   gradient applied is exactly ``grad(sum_all w ce) / sum_all w`` (research note §1.5; the bug fixed in
   prime-rl #1957 and verl #3994). The denominator is all-reduced over the data-parallel group.
+
+:func:`kept_head_loss` is the weighted loss with an LM-head backward that touches only the weighted rows, for
+a scorer (ESLM, ssToken) that drops tokens after seeing the full logits.
 """
 
 from __future__ import annotations
@@ -85,3 +88,57 @@ def global_denominator(weight_sums: list[torch.Tensor] | torch.Tensor, grad_accu
         world = dist.get_world_size()
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
     return (local / (grad_accum * world)).float().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class _KeptHeadCE(torch.autograd.Function):
+    """Weighted CE of kept rows from precomputed logits; backward only through the kept rows of the head."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, logits, labels, w):
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        ce = -logp.gather(1, labels[:, None]).squeeze(1)
+        scale = (w / w.sum()).to(logp.dtype)
+        ctx.save_for_backward(h, weight, logp, labels, scale)
+        ctx.has_bias = bias is not None
+        return (scale * ce).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, logp, labels, scale = ctx.saved_tensors
+        d = logp.exp()
+        d[torch.arange(len(labels)), labels] -= 1.0
+        d = (d * (scale * grad)[:, None]).to(h.dtype)
+        dh = d @ weight
+        dw = d.t() @ h
+        db = d.sum(0) if ctx.has_bias else None
+        return dh, dw.to(weight.dtype), db, None, None, None
+
+
+def kept_head_loss(
+    hidden: torch.Tensor, head: torch.nn.Linear, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``sum_t w_t CE(head(h_t), y_t) / sum_t w_t`` over tokens with ``w_t > 0``; the head's backward sees only them.
+
+    Args:
+        hidden: final hidden states [B,T,C] (with grad), the input of ``head``.
+        head: the LM head (``nn.Linear``, weight [V,C], tied or not).
+        logits: ``head(hidden)`` computed without grad for scoring [B,T,V]; reused, not recomputed.
+        labels: targets [B,T]; weights: [B,T] (the scorer's output: 0 = not kept).
+
+    The gradient equals that of the dense weighted CE, but the backward matmuls cost ``4*C*V`` FLOPs per
+    kept token instead of per token (see :func:`head_flops`).
+    """
+    keep = weights > 0
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0
+    return _KeptHeadCE.apply(
+        hidden[keep], head.weight, head.bias, logits.detach()[keep], labels[keep], weights[keep]
+    )
+
+
+def head_flops(n_tokens: int, n_kept: int, d_model: int, vocab: int) -> dict[str, float]:
+    """LM-head FLOPs of one step: dense CE vs :func:`kept_head_loss` (forward 2CV/token, backward 4CV/token)."""
+    fwd = 2.0 * d_model * vocab
+    dense = 3.0 * fwd * n_tokens
+    ours = fwd * n_tokens + 2.0 * fwd * n_kept
+    return {"dense": dense, "kept": ours, "saved": dense - ours}

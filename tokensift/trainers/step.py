@@ -3,7 +3,7 @@
 For the built-in GPT the LM head's backward runs only on the rows that carry weight: the model returns
 its final hidden states; without a scorer the head runs on the weighted rows only; with a scorer, full
 logits are computed without gradient for it and the loss reuses them through
-``tokensift.scorers.eslm.kept_head_loss``, so tokens a scorer drops (ESLM, ssToken masks) cost no
+``tokensift.trainers.losses.kept_head_loss``, so tokens a scorer drops (ESLM, ssToken masks) cost no
 LM-head backward. Any other model (an HF causal LM) computes full logits with gradient.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tokensift.models.gpt import GPT
-from tokensift.scorers.eslm import kept_head_loss
+from tokensift.trainers.losses import kept_head_loss
 from tokensift.trainers.losses import normalizer, token_cross_entropy, weighted_loss
 
 
