@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def byte_snapshot(out: Path, docs_per_domain: int | None) -> Path:
-    """The sample corpus as byte tokens plus random token weights, 4 shards (one per domain)."""
+    """The sample corpus as byte tokens plus random token weights, 4 shards (one per domain), and its manifest."""
     from tokensift.data.sample import build_sample
     from tokensift.pipeline.schema import TOKEN_WEIGHTS_TYPE, ragged_column
+    from tokensift.pipeline.shards import write_manifest
     from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
 
     sample = ROOT / "sample_data"
@@ -38,6 +39,7 @@ def byte_snapshot(out: Path, docs_per_domain: int | None) -> Path:
         weights = [rng.random(n).astype(np.float32) for n in table.column("n_tokens").to_numpy()]
         table = table.append_column("token_weights", ragged_column(weights, TOKEN_WEIGHTS_TYPE))
         pq.write_table(table, out / "data" / f"train-{i:05d}-of-00004.parquet")
+    write_manifest(out)
     return out
 
 

@@ -1,164 +1,92 @@
 """Packed, weighted token batches for training: a torch ``IterableDataset`` over a snapshot or a live stream.
 
-The documents of an epoch are put in a seeded order (shards shuffled, then rows within each shard) and
-their ``input_ids`` are concatenated into one token stream; epochs follow each other in the same stream.
-Sequence ``g`` of the stream is ``inputs = stream[g*L : g*L+L]``, ``labels = stream[g*L+1 : g*L+L+1]``,
-so every token is an input exactly once and a label exactly once. ``loss_weights[t]`` is the weight of
-label ``t``: the document's ``token_weights`` value for that token (index ``i`` of a document weighs the
-prediction of token ``i`` from its prefix), 1 where the column is absent, and 0 on the first token of
-every document when ``mask_doc_boundary`` (it would be predicted from the previous document).
+**The stream.** An epoch puts the documents in a seeded order (a snapshot's Parquet row groups shuffled
+across all shards, then the rows within each group) and concatenates their ``input_ids``; epochs follow
+each other in one token stream. Sequence ``g`` is ``inputs = stream[g*L : g*L+L]``, ``labels =
+stream[g*L+1 : g*L+L+1]``, so every token is an input exactly once and a label exactly once.
+``loss_weights[t]`` is the weight of label ``t``: the document's ``token_weights`` value for that token, 1
+where the column is absent, and 0 on the first token of every document when ``mask_doc_boundary``;
+``loss_mask[t]`` is the document's ``loss_mask`` value for label ``t`` (1 on response tokens, all 1 without
+the column). Documents are packed but kept apart: ``position_ids`` restart at 0 at every document start (and
+at the row start) and ``document_ids`` number the documents of a row, so a model that honours them (the
+built-in GPT, and HF models through ``tokensift.models.packing``) never attends across a boundary.
 
-Sharding: rank ``r`` of ``W`` takes the sequences ``g = r + W*n`` (``n = 0, 1, ...``) and groups them in
-batches of ``B``; so global batch ``k`` (batch ``k`` of every rank) is exactly sequences
-``[k*B*W, (k+1)*B*W)`` of the stream: no overlap, no gap. DataLoader workers of one rank take that rank's
-batches round-robin (worker ``w`` of ``N`` makes batches ``k = w, w+N, ...``), which is the order a
-``DataLoader`` returns them in, so the stream a rank sees does not depend on the number of workers. A batch
-is only produced when the whole global batch exists, so every rank stops after the same number of steps.
-Every rank and worker reads every shard (one at a time, in stream order) and keeps its own sequences;
-shard token counts are read once up front, so resuming skips earlier shards without reading them.
+**The order (lanes).** Sequences are handed out in windows of ``lanes x rounds`` sequences: lane ``c`` of a
+window is its ``rounds`` consecutive sequences ``[c*rounds, (c+1)*rounds)`` (``rounds`` = an epoch's
+sequences over ``lanes``), and position ``p = round*lanes + c`` of the training order is sequence ``n`` of
+lane ``c``. Global batch ``k`` is positions ``[k*B*W, (k+1)*B*W)``; rank ``r`` takes the ``B`` positions
+from ``k*B*W + r*B``. The order is a permutation of the sequences, so there is no overlap and no gap (a
+final remainder smaller than ``lanes`` sequences is not used). With ``lanes = B*W*N`` (the default; ``N``
+DataLoader workers, at least 1) each worker of each rank reads a fixed ``B`` of the lanes, each a contiguous
+stretch of the stream: it reads only the row groups that hold its sequences, plus at most the group
+straddling each end of each lane (a rank reads ``1/W`` of the data, plus at most ``2 * lanes / W`` row
+groups per epoch). Any ``B``, ``W``, ``N`` give the same batches for the same ``lanes``; reading is this
+tight when ``B*W*N`` divides ``lanes``.
 
-Resume: ``state_dict()`` records how many sequences the whole job consumed; ``load_state_dict()`` makes
-the next batch the one that would have followed, even with another world size whose global batch divides
-that count.
+DataLoader workers of one rank take that rank's batches round-robin (worker ``w`` of ``N`` makes batches
+``k = w, w+N, ...``), the order in which a ``DataLoader`` returns them. A batch is only produced when its
+whole global batch exists, so every rank stops after the same number of steps.
+
+**Snapshots.** The loader reads ``<snapshot>/manifest.json`` (local path or ``s3://``, ``gs://``,
+``hdfs://`` URI) and trusts only the shards it lists: each must be present with the manifest's row count
+(``verify=True``: and its sha256), and every read error names the file. A directory without a manifest is
+not a tokensift snapshot and is refused.
+
+**Resume.** ``state_dict()`` records how many positions of the order the whole job consumed and its lanes;
+``load_state_dict()`` makes the next batch the one that would have followed, with any ``B``, ``W`` and
+workers whose global batch divides that count.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tokensift.pipeline.schema import INPUT_IDS, TOKEN_WEIGHTS
+from tokensift.pipeline.loader_sources import SnapshotSource, StreamSource
+from tokensift.pipeline.packing import Window, pack_rows
 
 
-@dataclass
-class _Chunk:
-    """Consecutive documents of the stream, flattened: ``tokens[i]`` sits at stream position ``start + i``."""
-
-    start: int
-    tokens: np.ndarray
-    weights: np.ndarray
-
-
-def flatten_documents(
-    table: pa.Table, where: str, order: np.ndarray | None, mask_doc_boundary: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the documents of ``table`` (rows in ``order``) into token and label-weight arrays.
+@dataclass(frozen=True)
+class Order:
+    """Training order: position ``p`` -> stream sequence, by lanes (see the module docstring).
 
     Args:
-        table: rows with ``input_ids`` (list<int>) and optionally ``token_weights`` (list<float>, same lengths).
-        where: file or table name used in error messages.
-        order: row permutation to apply first (``None``: keep the order).
-        mask_doc_boundary: weight 0 on the first token of every document.
+        lanes: sequences per round.
+        rounds: consecutive sequences per lane in a window.
+        sequences: sequences in the whole stream (``None``: unbounded, or unknown for a live stream).
     """
-    if INPUT_IDS not in table.column_names:
-        raise ValueError(f"{where}: no '{INPUT_IDS}' column (columns: {', '.join(table.column_names)})")
-    if order is not None:
-        table = table.take(pa.array(order))
-    ids = table.column(INPUT_IDS).combine_chunks()
-    if ids.null_count:
-        row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"{where}: row {_source_row(row, order)} has a null '{INPUT_IDS}'")
-    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    tokens = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if TOKEN_WEIGHTS in table.column_names:
-        col = table.column(TOKEN_WEIGHTS).combine_chunks()
-        wlen = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False) | (wlen != lengths))
-        if bad.size:
-            row = int(bad[0])
-            raise ValueError(
-                f"{where}: row {_source_row(row, order)} has {int(lengths[row])} '{INPUT_IDS}' but "
-                f"'{TOKEN_WEIGHTS}' of length {wlen[row] if col[row].is_valid else 'null'}"
-            )
-        weights = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    else:
-        weights = np.ones(len(tokens), dtype=np.float32)
-    if mask_doc_boundary and len(lengths):
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        weights[starts[lengths > 0]] = 0.0
-    return tokens, weights
 
+    lanes: int
+    rounds: int
+    sequences: int | None
 
-def _source_row(row: int, order: np.ndarray | None) -> int:
-    return int(order[row]) if order is not None else row
+    @property
+    def positions(self) -> int | None:
+        """Positions that map to a sequence (all full windows, then whole rounds of the last one)."""
+        if self.sequences is None:
+            return None
+        full, rest = divmod(self.sequences, self.lanes * self.rounds)
+        return (full * self.rounds + rest // self.lanes) * self.lanes
 
-
-def _permutation(n: int, seed: int, *keys: int) -> np.ndarray:
-    return np.random.default_rng([seed, *keys]).permutation(n)
-
-
-class _SnapshotSource:
-    """The shards ``<dir>/data/*.parquet``; knows every shard's token count so skipping reads nothing."""
-
-    def __init__(self, snapshot_dir: str | Path, seed: int, shuffle: bool, mask_doc_boundary: bool, epochs):
-        data = Path(snapshot_dir) / "data"
-        self.files = sorted(data.glob("*.parquet"))
-        if not self.files:
-            raise FileNotFoundError(f"no parquet shards in {data}")
-        self.seed, self.shuffle, self.mask, self.epochs = seed, shuffle, mask_doc_boundary, epochs
-        self.rows, self.file_tokens = [], []
-        for f in self.files:
-            schema = pq.read_schema(f)
-            if INPUT_IDS not in schema.names:
-                raise ValueError(f"{f}: no '{INPUT_IDS}' column (columns: {', '.join(schema.names)})")
-            ids = pq.read_table(f, columns=[INPUT_IDS]).column(INPUT_IDS)
-            self.rows.append(len(ids))
-            self.file_tokens.append(int(pc.sum(pc.list_value_length(ids)).as_py() or 0))
-        self.tokens_per_epoch = sum(self.file_tokens)
-        if self.tokens_per_epoch < 2:
-            raise ValueError(f"{data}: the snapshot holds {self.tokens_per_epoch} tokens; at least 2 are needed")
-
-    def chunks(self, position: int) -> Iterator[_Chunk]:
-        """Shards in stream order from the one holding ``position`` on; earlier ones are not read."""
-        epoch = position // self.tokens_per_epoch
-        while self.epochs is None or epoch < self.epochs:
-            order = _permutation(len(self.files), self.seed, epoch) if self.shuffle else range(len(self.files))
-            start = epoch * self.tokens_per_epoch
-            for i in order:
-                end = start + self.file_tokens[i]
-                if end > position:
-                    yield _Chunk(start, *self._read(i, epoch))
-                start = end
-            epoch += 1
-
-    def _read(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        f = self.files[i]
-        columns = [c for c in (INPUT_IDS, TOKEN_WEIGHTS) if c in pq.read_schema(f).names]
-        rows = _permutation(self.rows[i], self.seed, epoch, i) if self.shuffle else None
-        return flatten_documents(pq.read_table(f, columns=columns), str(f), rows, self.mask)
-
-
-class _StreamSource:
-    """Tables from an iterable (or a zero-argument callable returning one); replayed to resume."""
-
-    def __init__(self, tables, seed: int, shuffle: bool, mask_doc_boundary: bool, epochs):
-        self.tables, self.seed, self.shuffle, self.mask = tables, seed, shuffle, mask_doc_boundary
-        self.epochs = 1 if epochs is None else epochs
-        self.tokens_per_epoch = None
-
-    def chunks(self, position: int) -> Iterator[_Chunk]:
-        start = 0
-        for epoch in range(self.epochs):
-            tables = self.tables() if callable(self.tables) else self.tables
-            for i, table in enumerate(tables):
-                rows = _permutation(table.num_rows, self.seed, epoch, i) if self.shuffle else None
-                tokens, weights = flatten_documents(table, f"stream table {i}", rows, self.mask)
-                if start + len(tokens) > position:
-                    yield _Chunk(start, tokens, weights)
-                start += len(tokens)
+    def sequence(self, p: int) -> tuple[int, int]:
+        """``(sequence index, lane)`` of position ``p``."""
+        window = self.lanes * self.rounds
+        w, q = divmod(p, window)
+        rounds = self.rounds
+        if self.sequences is not None and (w + 1) * window > self.sequences:
+            rounds = (self.sequences - w * window) // self.lanes
+        n, c = divmod(q, self.lanes)
+        return w * window + c * rounds + n, c
 
 
 class TokenLoader(IterableDataset):
-    """Fixed-length packed batches ``{input_ids, labels, loss_weights}`` (each ``[batch_size, seq_len]``).
+    """Fixed-length packed batches, each ``[batch_size, seq_len]``: ``input_ids``, ``labels``,
+    ``loss_weights``, ``loss_mask``, ``position_ids``, ``document_ids`` (see the module docstring).
 
     Iterating it is the drop-in for a training loop (``for batch in TokenLoader(dir, 1024, 8): ...``);
     iterating again continues where the last loop stopped. ``labels`` are already shifted (``labels[t]``
@@ -166,17 +94,22 @@ class TokenLoader(IterableDataset):
     labels), loss_weights)`` from ``tokensift.trainers.losses``.
 
     Args:
-        snapshot_dir: a snapshot (reads ``<dir>/data/*.parquet``: ``input_ids``, optional ``token_weights``).
+        snapshot_dir: a snapshot, local path or URI (reads the shards its ``manifest.json`` lists:
+            ``input_ids``, optional ``token_weights`` and ``loss_mask``).
         seq_len: tokens per sequence.
         batch_size: sequences per batch on this rank (the micro-batch).
         rank: this data-parallel rank.
         world_size: number of data-parallel ranks.
         seed: shuffling seed (document order per epoch).
         epochs: passes over the data; ``None`` repeats forever (snapshots) or once (streams).
-        shuffle: shuffle shard order and rows within shards every epoch.
+        shuffle: shuffle row groups and rows within them every epoch.
         mask_doc_boundary: weight 0 for the first token of each document (predicted across a boundary).
         num_workers: DataLoader worker processes that read and pack (0: in this process).
         pin_memory: pin batches (for GPU training).
+        lanes: sequences per round of the order (default ``batch_size * world_size * max(1, num_workers)``);
+            a resumed loader keeps the saved one.
+        verify: check every shard's sha256 against the manifest before reading.
+        storage: storage options for URIs (``tokensift.pipeline.fs.resolve``); the environment otherwise.
     """
 
     def __init__(
@@ -193,6 +126,9 @@ class TokenLoader(IterableDataset):
         mask_doc_boundary: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        lanes: int | None = None,
+        verify: bool = False,
+        storage=None,
         _source=None,
     ):
         super().__init__()
@@ -202,10 +138,14 @@ class TokenLoader(IterableDataset):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {epochs}")
+        if lanes is not None and lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.seq_len, self.batch_size, self.rank, self.world_size, self.seed = (
             seq_len, batch_size, rank, world_size, seed)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.source = _source or _SnapshotSource(snapshot_dir, seed, shuffle, mask_doc_boundary, epochs)
+        self.lanes = lanes or batch_size * world_size * max(1, num_workers)
+        self.source = _source or SnapshotSource(
+            snapshot_dir, seed, shuffle, mask_doc_boundary, epochs, verify=verify, storage=storage)
         self._batches = 0  # batches this rank has handed out
 
     @classmethod
@@ -218,10 +158,10 @@ class TokenLoader(IterableDataset):
 
         ``tables`` must give the same tables in the same order each time it is iterated (a list, or a
         callable such as ``lambda: ds.iter_batches(batch_format="pyarrow")``): every rank reads the whole
-        stream and keeps its own sequences, and resuming replays it up to the saved position. Rows are
-        shuffled within each table when ``shuffle``.
+        stream and keeps its own sequences (in stream order: one round per window), and resuming replays it
+        up to the saved position. Rows are shuffled within each table when ``shuffle``.
         """
-        source = _StreamSource(tables, seed, shuffle, mask_doc_boundary, epochs)
+        source = StreamSource(tables, seed, shuffle, mask_doc_boundary, epochs)
         return cls(None, seq_len, batch_size, rank, world_size, seed, num_workers=num_workers,
                    pin_memory=pin_memory, _source=source)
 
@@ -230,17 +170,29 @@ class TokenLoader(IterableDataset):
         """Label positions per global batch (all ranks)."""
         return self.batch_size * self.world_size * self.seq_len
 
+    @property
+    def order(self) -> Order:
+        """The training order of this loader's stream (see the module docstring)."""
+        per_epoch = self.source.tokens_per_epoch
+        rounds = max(1, per_epoch // self.seq_len // self.lanes) if per_epoch else 1
+        total = self.source.total_tokens
+        return Order(self.lanes, rounds, None if total is None else (total - 1) // self.seq_len)
+
     def state_dict(self) -> dict:
-        """Where the job is: sequences consumed by all ranks, plus what must match on resume."""
+        """Where the job is: positions of the order consumed by all ranks, plus what must match on resume."""
         return {
             "sequences": self._batches * self.batch_size * self.world_size,
+            "lanes": self.lanes,
             "seq_len": self.seq_len,
             "seed": self.seed,
             "tokens_per_epoch": self.source.tokens_per_epoch,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at the batch after the saved position (the same stream, any world size dividing it)."""
+        """Continue at the batch after the saved position (the same order, any global batch dividing it)."""
+        if "lanes" not in state:
+            raise ValueError("loader state has no 'lanes': it was saved by an older tokensift, whose order "
+                             "this loader cannot continue")
         for key in ("seq_len", "seed", "tokens_per_epoch"):
             if state.get(key) != self.state_dict()[key]:
                 raise ValueError(
@@ -251,6 +203,7 @@ class TokenLoader(IterableDataset):
             raise ValueError(
                 f"loader state is at sequence {state['sequences']}, not a multiple of the global batch "
                 f"({self.batch_size} x {self.world_size} ranks = {per_batch} sequences)")
+        self.lanes = state["lanes"]
         self._batches = state["sequences"] // per_batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -268,63 +221,16 @@ class TokenLoader(IterableDataset):
 
     def _batches_from(self, first: int, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches ``first, first+step, ...`` while their global batch exists."""
-        B, W, L = self.batch_size, self.world_size, self.seq_len
+        B, W, L, order = self.batch_size, self.world_size, self.seq_len, self.order
+        heads: dict[int, Window] = {}  # one read window per lane (one in all for a live stream)
         k = first
-        buffer = _Window(self.source.chunks((self.rank + W * k * B) * L))
-        while True:
-            starts = [(self.rank + W * (k * B + j)) * L for j in range(B)]
-            if not buffer.extend_to((k + 1) * B * W * L + 1):  # the global batch is incomplete
-                return
-            buffer.drop_before(starts[0])
-            tokens = np.stack([buffer.tokens(s, s + L + 1) for s in starts])
-            weights = np.stack([buffer.weights(s + 1, s + L + 1) for s in starts])
-            yield {
-                "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
-                "labels": torch.from_numpy(tokens[:, 1:].copy()),
-                "loss_weights": torch.from_numpy(weights),
-            }
+        while order.positions is None or (k + 1) * B * W <= order.positions:
+            rows = []
+            for p in range(k * B * W + self.rank * B, k * B * W + (self.rank + 1) * B):
+                g, lane = order.sequence(p)
+                head = heads.setdefault(lane if self.source.seekable else 0, Window(self.source))
+                rows.append(head.take(g * L, g * L + L + 1))
+            if rows[-1] is None or not (self.source.seekable or head.reaches((k + 1) * B * W * L + 1)):
+                return  # a live stream ended before this global batch
+            yield pack_rows(rows)
             k += step
-
-
-class _Window:
-    """A sliding window over the stream, fed by chunks, holding only what is still needed."""
-
-    def __init__(self, chunks: Iterator[_Chunk]):
-        self.chunks, self.parts = chunks, []
-
-    @property
-    def end(self) -> int:
-        return self.parts[-1].start + len(self.parts[-1].tokens) if self.parts else 0
-
-    def extend_to(self, position: int) -> bool:
-        """Read chunks until the window reaches ``position``; False when the stream ends first."""
-        while self.end < position:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                return False
-            if len(chunk.tokens):
-                self.parts.append(chunk)
-        return True
-
-    def drop_before(self, position: int) -> None:
-        while self.parts and self.parts[0].start + len(self.parts[0].tokens) <= position:
-            self.parts.pop(0)
-
-    def tokens(self, a: int, b: int) -> np.ndarray:
-        return self._slice(a, b, "tokens")
-
-    def weights(self, a: int, b: int) -> np.ndarray:
-        return self._slice(a, b, "weights")
-
-    def _slice(self, a: int, b: int, field: str) -> np.ndarray:
-        starts = [p.start for p in self.parts]
-        i = bisect.bisect_right(starts, a) - 1
-        out = []
-        while a < b:
-            part = self.parts[i]
-            arr = getattr(part, field)
-            take = arr[a - part.start : min(b, part.start + len(arr)) - part.start]
-            out.append(take)
-            a += len(take)
-            i += 1
-        return np.concatenate(out) if len(out) > 1 else out[0]
