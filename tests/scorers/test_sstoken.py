@@ -123,36 +123,83 @@ def _tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_online_scorer_selects_per_packed_sample_with_attention_and_history():
+# A hand-made packed row in the loader's contract: two documents, each a prompt then a response.
+# inputs:       0  1  2  3  4 | 5  6  7  8  9      (document 0 | document 1)
+# token kind:   p  p  r  r  r | p  p  p  r  r
+# label t = token t+1: labels 1-3 are document 0's response, label 4 is document 1's first token (weight 0,
+# predicted across the boundary), labels 5-6 its prompt, labels 7-9 its response (label 9 continues the row).
+DOCS = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+LOSS_MASK = torch.tensor([[0, 1, 1, 1, 0, 0, 0, 1, 1, 1]])
+WEIGHTS = torch.tensor([[1.0, 1, 1, 1, 0, 1, 1, 1, 1, 1]])
+
+
+def _causal_attention(seed: int) -> torch.Tensor:
+    """[1, 10, 10] attention probabilities that leak across the document boundary (a plain causal forward)."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(10, 10, generator=g, dtype=torch.float64) + 0.1).tril()
+    return (a / a.sum(-1, keepdim=True))[None]
+
+
+def test_attention_term_hand_computed_on_a_two_document_packed_row():
+    attn = _causal_attention(0)
+    got = sstoken.attention_to_prompt(attn, LOSS_MASK, DOCS)[0]
+    a = attn[0]
+    # document 0's response labels 1, 2, 3 read rows 2, 3, 4; its prompt tokens sit at inputs 0 and 1
+    for t in (1, 2, 3):
+        assert got[t].item() == pytest.approx((a[t + 1, 0] + a[t + 1, 1]).item(), rel=1e-6)
+    # document 1's labels 7, 8 read rows 8, 9 (label 9, the row's last, reads row 9 too); its prompt tokens sit
+    # at inputs 5, 6, 7; the mass is renormalised over document 1's own columns 5..row (no cross-document leak)
+    for t, row in ((7, 8), (8, 9), (9, 9)):
+        expect = a[row, 5:8].sum() / a[row, 5 : row + 1].sum()
+        assert got[t].item() == pytest.approx(expect.item(), rel=1e-6)
+    # the old inference from loss weights took "prompt" = zero-weight labels: here only label 4, i.e. input 5
+    assert got[8].item() != pytest.approx(a[9, 5].item() / a[9, 5:].sum().item(), rel=1e-3)
+
+
+def test_online_scorer_keeps_the_top_attention_to_each_documents_own_prompt():
     model = _tiny_llama()
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 50, (1, 12), generator=g)
-    labels = torch.randint(0, 50, (1, 12), generator=g)
-    # two samples in one packed row: labels 0-1 prompt, 2-5 response; labels 6-7 prompt, 8-11 response
-    w = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1]], dtype=torch.float32)
+    ids = torch.randint(0, 50, (1, 10), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.randint(0, 50, (1, 1), generator=g)], dim=1)
+    batch = {"input_ids": ids, "labels": labels, "loss_mask": LOSS_MASK, "document_ids": DOCS,
+             "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])}
     with torch.no_grad():
         logits = model(ids).logits
     loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-    scorer = get_online_scorer("sstoken", {"rho": 0.5, "gamma": 1.0})
-    drop = torch.tensor([[0, 0, 0.5, 0.1, 0.9, 0.2, 0, 0, 0.3, 0.8, 0.05, 0.4]])
-    out = scorer(loss - drop, logits, w, {"input_ids": ids, "labels": labels}, model)
-    assert out.tolist() == [[0, 0, 1, 0, 1, 0, 0, 0, 0, 1, 0, 1]]  # top 2 loss drops of each sample
     scorer = get_online_scorer("sstoken", {"rho": 0.5, "gamma": 0.0})
-    out = scorer(loss, logits, w, {"input_ids": ids, "labels": labels}, model)
+    out = scorer(loss, logits, WEIGHTS, batch, model)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        a = eager(ids, output_attentions=True).attentions[-1][0].mean(0)
-    # label t is token t + 1 (row t + 1; the last label uses row 11); sample 2's prompt is input positions 7, 8
-    score1 = torch.stack([a[t + 1, [0, 1, 2]].sum() for t in range(2, 6)])
-    score2 = torch.stack([a[min(t + 1, 11), [7, 8]].sum() for t in range(8, 12)])
-    expect = torch.zeros(12)
-    expect[2 + torch.topk(score1, 2).indices] = 1
-    expect[8 + torch.topk(score2, 2).indices] = 1
+    with torch.no_grad():  # each document alone: its attention is the block of a document-masked forward
+        a0 = eager(ids[:, :5], output_attentions=True).attentions[-1][0].mean(0)
+        a1 = eager(ids[:, 5:], output_attentions=True, position_ids=torch.arange(5)[None]).attentions[-1][0].mean(0)
+    score0 = torch.stack([a0[t + 1, :2].sum() for t in (1, 2, 3)])  # rows 2-4, prompt inputs 0-1
+    score1 = torch.stack([a1[min(t + 1, 9) - 5, :3].sum() for t in (7, 8, 9)])  # rows 8, 9, 9; prompt 5-7
+    expect = torch.zeros(10)
+    expect[1 + torch.topk(score0, 2).indices] = 1  # ceil(0.5 * 3) = 2 of each document's 3 response labels
+    expect[7 + torch.topk(score1, 2).indices] = 1
     assert out[0].tolist() == expect.tolist()
+    assert scorer.stats()["sstoken/kept_fraction"] == pytest.approx(4 / 6)
 
 
-def test_ema_history_update_and_bad_params():
+def test_history_is_the_weights_before_the_first_update_even_with_a_warm_up():
+    """The bug: with rel_warmup_steps > 0 the history was copied after the warm-up, not from the start."""
+    model = _tiny_llama()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = get_online_scorer("sstoken", {"gamma": 0.5, "rel_warmup_steps": 2})
+    ids = torch.randint(0, 50, (1, 10))
+    batch = {"input_ids": ids, "labels": ids, "loss_mask": LOSS_MASK, "document_ids": DOCS}
+    for _ in range(3):  # two warm-up steps, then one with the loss-reduction term
+        scorer(torch.rand(1, 10), None, WEIGHTS, batch, model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)  # an optimizer update
+        scorer.on_step_end(model)
+    for k, v in scorer.history.state_dict().items():
+        torch.testing.assert_close(v, start[k])
+
+
+def test_ema_history_update_state_round_trip_and_bad_params():
     model = _tiny_llama()
     scorer = get_online_scorer("sstoken", {"gamma": 1.0, "history": "ema", "ema_decay": 0.75})
     ids = torch.randint(0, 50, (1, 6))
@@ -165,5 +212,11 @@ def test_ema_history_update_and_bad_params():
     scorer.on_step_end(model)
     for h, b, p in zip(scorer.history.parameters(), before, model.parameters(), strict=True):
         torch.testing.assert_close(h, 0.75 * b + 0.25 * p)
+    resumed = get_online_scorer("sstoken", {"gamma": 1.0, "history": "ema", "ema_decay": 0.75})
+    resumed.load_state_dict(scorer.state_dict())  # restored lazily: the history is built at the first call
+    resumed(torch.rand(1, 6), None, w, {"input_ids": ids, "labels": ids}, model)
+    assert resumed.steps == 1
+    for h, r in zip(scorer.history.parameters(), resumed.history.parameters(), strict=True):
+        assert torch.equal(h, r)
     with pytest.raises(ValueError, match="rho"):
         get_online_scorer("sstoken", {"rho": 0.0})

@@ -43,11 +43,11 @@ def load_lm(p: LMParams, model: str | None = None, gguf_file: str | None = None)
     return load_causal_lm(model or p.model, gguf_file=gguf, dtype=p.dtype, device=p.device)
 
 
-def read_sequences(batch: pa.Table, stage: str) -> tuple[list[np.ndarray], np.ndarray]:
-    """``input_ids`` rows and ``prompt_length`` (zeros when the column is absent) of a batch."""
-    if schema.INPUT_IDS not in batch.column_names:
-        raise ValueError(f"{stage}: batch has no column {schema.INPUT_IDS!r}; run the tokenize stage first")
-    seqs = [np.asarray(r, dtype=np.int64) for r in batch.column(schema.INPUT_IDS).to_pylist()]
+def read_sequences(batch: pa.Table, stage: str, column: str = schema.INPUT_IDS) -> tuple[list[np.ndarray], np.ndarray]:
+    """``column`` (token ids) rows and ``prompt_length`` (zeros when the column is absent) of a batch."""
+    if column not in batch.column_names:
+        raise ValueError(f"{stage}: batch has no column {column!r}; run the tokenize stage first")
+    seqs = [np.asarray(r, dtype=np.int64) for r in batch.column(column).to_pylist()]
     if schema.PROMPT_LENGTH in batch.column_names:
         plens = batch.column(schema.PROMPT_LENGTH).to_numpy(zero_copy_only=False)
         if np.isnan(plens.astype(np.float64)).any():
@@ -59,12 +59,12 @@ def read_sequences(batch: pa.Table, stage: str) -> tuple[list[np.ndarray], np.nd
     return seqs, plens
 
 
-def with_token_weights(batch: pa.Table, weights: list[np.ndarray]) -> pa.Table:
-    """The batch with ``token_weights`` (list<float32>) set (replaced if present)."""
+def with_token_weights(batch: pa.Table, weights: list[np.ndarray], name: str = schema.TOKEN_WEIGHTS) -> pa.Table:
+    """The batch with ``name`` (default ``token_weights``; list<float32>) set (replaced if present)."""
     col = schema.ragged_column([np.asarray(w, np.float32) for w in weights], schema.TOKEN_WEIGHTS_TYPE)
-    if schema.TOKEN_WEIGHTS in batch.column_names:
-        return batch.set_column(batch.column_names.index(schema.TOKEN_WEIGHTS), schema.TOKEN_WEIGHTS, col)
-    return batch.append_column(schema.TOKEN_WEIGHTS, col)
+    if name in batch.column_names:
+        return batch.set_column(batch.column_names.index(name), name, col)
+    return batch.append_column(name, col)
 
 
 def pad(sequences: list[np.ndarray], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,46 @@
-"""A brief completion-only fine-tune of an HF causal LM: the tuned copies of SHAD (shuffle-tuned) and of
-cDPO's contrastive estimation (positive / negative models) are made with it."""
+"""A brief completion-only fine-tune of an HF causal LM and its tuning sets: the tuned copies of SHAD
+(shuffle-tuned) and of cDPO's contrastive estimation (positive / negative models) are made with it."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from tokensift.pipeline import schema, sources
 from tokensift.scorers import common
+
+
+def read_tune_rows(paths: list[str], prompt_column: str, response_columns: list[str], stage: str) -> pa.Table:
+    """The ``prompt_column`` and ``response_columns`` of every row of ``paths`` (Parquet, JSONL) where all are set."""
+    tables = []
+    for shard in sources.expand(list(paths)):
+        t = sources.read(shard, prompt_column, schema.ID)
+        t = t.rename_columns([prompt_column if c == schema.TEXT else c for c in t.column_names])
+        missing = [c for c in response_columns if c not in t.column_names]
+        if missing:
+            raise ValueError(f"{stage}: {shard.path} has no column {missing[0]!r}")
+        ok = pc.is_valid(t.column(prompt_column))
+        for c in response_columns:
+            ok = pc.and_(ok, pc.is_valid(t.column(c)))
+        tables.append(t.filter(ok).select([prompt_column, *response_columns]))
+    return pa.concat_tables(tables)
+
+
+def tokenized_pairs(
+    rows: pa.Table, tokenizer: str, prompt_column: str, response_column: str, max_length: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Token ids of prompt + response (the tokenize stage with ``tokenizer``) and the prompt lengths."""
+    from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
+
+    tok = Tokenize(TokenizeParams(tokenizer=tokenizer, text_column=prompt_column, prompt_column=prompt_column,
+                                  response_column=response_column, max_length=max_length))
+    out = tok(rows.select([prompt_column, response_column]))
+    seqs = [np.asarray(r, np.int64) for r in out.column(schema.INPUT_IDS).to_pylist()]
+    return seqs, out.column(schema.PROMPT_LENGTH).to_numpy().astype(np.int64)
 
 
 def finetune_lm(

@@ -5,6 +5,11 @@ unreduced CE of predicting ``labels[b, t]`` (detached), ``logits[b, t]`` the det
 prediction, ``weights[b, t]`` the loader's ``loss_weights`` (0 = not trained: padding, prompts, document
 boundaries). A scorer returns new weights [B, T]; the trainer's weighted loss ``sum(w*ce)/sum(w)`` then
 gives each method's loss (mean over kept tokens for ESLM / ssToken, the RFT mixture for ``rft``).
+
+``batch`` is the loader's batch (``input_ids``, ``labels``, ``loss_weights``, and where the snapshot has
+them ``loss_mask``, ``position_ids``, ``document_ids``). A scorer's ``state_dict()`` is what must survive a
+resume (ESLM's alpha, ssToken's step counter and history weights), as a plain dict of tensors, numbers and
+lists: the trainer stores it in the checkpoint's client state, loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class OnlineTokenScorer(Protocol):
     def on_step_end(self, model: torch.nn.Module) -> None: ...
 
     def stats(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def get_online_scorer(name: str, params: dict[str, Any] | None = None) -> OnlineTokenScorer:

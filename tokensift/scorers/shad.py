@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from tokensift.models.causal_lm import token_losses
-from tokensift.pipeline import schema, sources
+from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
-from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
 from tokensift.scorers import common, finetune
 
 
@@ -136,26 +134,10 @@ class SHADStage:
 
     def _tune_set(self, tokenizer: str) -> tuple[list[np.ndarray], np.ndarray]:
         p = self.p
-        tables = []
-        for shard in sources.expand(list(p.tune_paths)):
-            t = sources.read(shard, p.prompt_column, schema.ID)
-            if p.response_column not in t.column_names:
-                raise ValueError(f"shad: {shard.path} has no column {p.response_column!r}")
-            t = t.rename_columns([p.prompt_column if c == schema.TEXT else c for c in t.column_names])
-            ok = pc.and_(pc.is_valid(t.column(p.prompt_column)), pc.is_valid(t.column(p.response_column)))
-            tables.append(t.filter(ok).select([p.prompt_column, p.response_column]))
-        rows = pa.concat_tables(tables)
+        rows = finetune.read_tune_rows(list(p.tune_paths), p.prompt_column, [p.response_column], "shad")
         n = min(rows.num_rows, max(p.tune_min_rows, math.ceil(p.tune_fraction * rows.num_rows)))
         pick = sorted(random.Random(p.seed).sample(range(rows.num_rows), n))
-        tok = Tokenize(
-            TokenizeParams(
-                tokenizer=tokenizer, text_column=p.prompt_column, prompt_column=p.prompt_column,
-                response_column=p.response_column, max_length=p.max_length,
-            )
-        )
-        out = tok(rows.take(pa.array(pick)))
-        seqs = [np.asarray(r, np.int64) for r in out.column(schema.INPUT_IDS).to_pylist()]
-        return seqs, out.column(schema.PROMPT_LENGTH).to_numpy().astype(np.int64)
+        return finetune.tokenized_pairs(rows.take(pa.array(pick)), tokenizer, p.prompt_column, p.response_column, p.max_length)
 
     @classmethod
     def needs(cls, p: SHADParams) -> list[str]:
@@ -183,7 +165,7 @@ class RFTParams:
     tau: softmax temperature over the two class losses (the paper: 1/tau in [0.2, 0.5]).
     """
 
-    tau: float = 3.0
+    tau: float = field(default=3.0, metadata={"gt": 0.0})
 
 
 class RFTScorer:
@@ -220,3 +202,10 @@ class RFTScorer:
         out = {"rft/reasoning_weight": float(np.mean(self._w))} if self._w else {}
         self._w = []
         return out
+
+    def state_dict(self) -> dict:
+        """Empty: RFT's weights depend on the current micro-batch only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

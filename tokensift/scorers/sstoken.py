@@ -9,28 +9,33 @@ For one sample with prompt length p and response positions R = {p, ..., T-1} (in
 
 and the top ``ceil(rho * |R|)`` response positions are kept (weight 1), the rest and the prompt get 0;
 the loss is the CE mean over kept tokens. Defaults rho = 0.6, gamma = 0.5 (the official code's CLI). The
-history model is the base model (the release: a fixed pre-SFT model) or, online, an EMA of the trained
-weights ``theta_hist <- d*theta_hist + (1-d)*theta`` after each optimizer step. The release also uses
+history model is the base model (the release: a fixed pre-SFT model; online: the weights before the first
+update) or, as an option, an EMA of the trained weights ``theta_hist <- d*theta_hist + (1-d)*theta`` after
+each optimizer step. The prompt/response boundary and the documents of a packed row come from the data
+(``loss_mask``, ``document_ids``), never from the loss weights. The release also uses
 attention only (gamma_eff = 0) for its first 10k samples, since REL is ~0 while current = base; here that is
 ``rel_warmup_steps``. Checked against the official ``filter_tokens_with_attention_loss`` semantics.
 
 The attention of the last decoder layer is captured during the normal forward by a wrapper attention
 function (HF transformers models): the layer still runs its fast kernel and the head-averaged probabilities
-are recomputed for that one layer only, as the release's hook variant does.
+are recomputed for that one layer only, as the release's hook variant does. The built-in GPT returns its
+last layer's probabilities for ``output_attentions=True``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
 from tokensift.scorers import common
+from tokensift.scorers.packed import is_builtin_gpt, packed_forward, packed_logits
 
 _CAPTURE = "tokensift_capture"
 
@@ -115,8 +120,8 @@ class SSTokenStageParams(common.LMParams):
 
     history_model: str = common.SMOLLM2
     history_gguf_file: str | None = None
-    rho: float = 0.6
-    gamma: float = 0.5
+    rho: float = field(default=0.6, metadata={"gt": 0.0, "le": 1.0})
+    gamma: float = field(default=0.5, metadata={"ge": 0.0, "le": 1.0})
 
 
 def _check(rho: float, gamma: float) -> None:
@@ -166,84 +171,128 @@ class SSTokenStage:
         return common.with_token_weights(batch, out)
 
 
+HISTORIES = ("base", "ema")
+
+
 @dataclass
 class SSTokenParams:
     """Args:
     rho: share of each sample's response tokens kept.
     gamma: weight of the normalised loss reduction (``1 - gamma``: attention to the prompt).
-    history: ``base`` (frozen copy of the model at the first step) or ``ema``.
+    history: ``base`` (a frozen copy of the weights before the first update, the release) or ``ema`` (that
+        copy, then ``theta_hist <- d*theta_hist + (1-d)*theta`` after every optimizer step).
     ema_decay: ``d`` of the EMA history.
     rel_warmup_steps: optimizer steps using attention only (gamma_eff = 0), as the release's warm-up.
     """
 
-    rho: float = 0.6
-    gamma: float = 0.5
-    history: str = "base"
-    ema_decay: float = 0.99
-    rel_warmup_steps: int = 0
+    rho: float = field(default=0.6, metadata={"gt": 0.0, "le": 1.0})
+    gamma: float = field(default=0.5, metadata={"ge": 0.0, "le": 1.0})
+    history: str = field(default="base", metadata={"choices": HISTORIES})
+    ema_decay: float = field(default=0.99, metadata={"ge": 0.0, "le": 1.0})
+    rel_warmup_steps: int = field(default=0, metadata={"ge": 0})
+
+
+def prompt_inputs(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: input position ``j`` holds a prompt token.
+
+    Input ``j >= 1`` holds the token of label ``j - 1``, so it is prompt where ``loss_mask[j - 1] == 0``.
+    Input 0's token is not a label of the row; it counts as prompt when the next token (label 0) is prompt
+    (a prompt precedes its response).
+    """
+    return torch.cat([loss_mask[:, :1] == 0, loss_mask[:, :-1] == 0], dim=1)
+
+
+def attention_to_prompt(attn: torch.Tensor, loss_mask: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """``A[b, t] = sum_{j in prompt(d)} attn~[b, t+1, j]``: label t's attention mass on its own document's prompt.
+
+    Args:
+        attn: [B, L, L] last-layer attention probabilities averaged over heads (row = query position).
+        loss_mask: [B, L] 1 where label t is a response token.
+        document_ids: [B, L] document of input position t (label t with weight > 0 is in the same one).
+
+    Label t is token t+1, so its row is t+1 as in the release (the row's last label uses row L-1). ``attn~``
+    is ``attn`` renormalised over the query's own document, which equals the attention of a forward whose
+    documents were kept apart (softmax restricted to a block) whatever the captured forward did.
+    """
+    L = attn.shape[-1]
+    rows = torch.clamp(torch.arange(L, device=attn.device) + 1, max=L - 1)
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # [B, query, key]
+    a = attn.float() * same
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+    cols = prompt_inputs(loss_mask)[:, None, :] & same[:, rows, :]  # key j: a prompt token of the query's doc
+    return (a[:, rows, :] * cols).sum(-1)
 
 
 class SSTokenScorer:
-    """Online ssToken over the loader's packed rows.
+    """Online ssToken over the loader's packed rows, with the prompt/response structure from the batch.
 
-    A *sample* is a run of a row's labels made of zero-weight labels (its prompt) then positive-weight labels
-    (its response); it ends where a zero weight follows a positive one. Label ``t`` is token ``t+1`` of the
-    row, so its attention row is ``t+1`` as in the release (the last label of a row, whose token lies
-    outside the window, uses row ``T-1``); its prompt columns are the input positions whose token is a
-    zero-weight label of the same sample. Returns ``weights * keep``.
+    A *sample* is one document of a row (``document_ids``); its response is its labels with ``loss_mask``
+    1 and positive weight; its prompt columns are its input positions holding prompt tokens
+    (:func:`attention_to_prompt`). A batch without ``loss_mask`` is all response (no attention term), one
+    without ``document_ids`` is one document per row. Returns ``weights * keep``.
+
+    The history model is a frozen copy of the model taken at the first call, i.e. before the first update
+    (the release's base model); ``ema`` then moves it after every step. Its weights and the step counter
+    are the scorer's state (``state_dict``), restored on resume.
     """
 
     Params = SSTokenParams
 
     def __init__(self, params: SSTokenParams):
         _check(params.rho, params.gamma)
-        if params.history not in ("base", "ema") or not 0 <= params.ema_decay <= 1:
+        if params.history not in HISTORIES or not 0 <= params.ema_decay <= 1:
             raise ValueError("sstoken: history must be 'base' or 'ema' and 0 <= ema_decay <= 1")
         self.p = params
         self.history = None
+        self._pending: dict | None = None
         self.attn = None
         self.steps = 0
         self._kept = self._valid = 0
 
     def __call__(self, token_loss, logits, weights, batch, model) -> torch.Tensor:
         net = getattr(model, "module", model)
+        if self.history is None and self.p.gamma > 0:
+            self._make_history(net)
         gamma = self.p.gamma if self.steps >= self.p.rel_warmup_steps else 0.0
-        ids, labels = batch["input_ids"], batch["labels"]
+        ones = torch.ones_like(batch["input_ids"])
+        loss_mask = batch.get("loss_mask", ones).bool()
+        docs = batch.get("document_ids", ones * 0)
         hist = None
         if gamma > 0:
-            if self.history is None:
-                self.history = copy.deepcopy(net).eval().requires_grad_(False)
             with torch.no_grad():
-                hl = _logits(self.history, ids)
-                hist = torch.nn.functional.cross_entropy(hl.float().transpose(1, 2), labels, reduction="none")
-        attn = self._attention(net, ids) if gamma < 1 else None
-        keep = torch.zeros_like(weights, dtype=torch.bool)
-        pos = weights > 0
-        T = ids.shape[1]
-        rows = torch.clamp(torch.arange(T, device=ids.device) + 1, max=T - 1)
-        for b in range(ids.shape[0]):
-            seg = torch.cumsum((~pos[b]) & torch.roll(pos[b], 1) & (torch.arange(T, device=ids.device) > 0), 0)
-            seg_in = torch.cat([seg[:1], seg[:-1]])
-            prompt_in = torch.cat([(~pos[b])[:1], ~pos[b][:-1]])
-            for s in torch.unique(seg[pos[b]]):
-                resp = torch.nonzero(pos[b] & (seg == s)).squeeze(1)
-                a = None
-                if attn is not None:
-                    cols = prompt_in & (seg_in == s)
-                    a = attn[b][rows[resp]][:, cols].sum(-1)
-                h = hist[b, resp] if hist is not None else None
-                keep[b, resp] = sstoken_keep(token_loss[b, resp].detach(), h, a, self.p.rho, gamma)
+                hl = packed_logits(self.history, batch)
+                hist = F.cross_entropy(hl.float().transpose(1, 2), batch["labels"], reduction="none")
+        attn = attention_to_prompt(self._attention(net, batch), loss_mask, docs) if gamma < 1 else None
+        resp = (weights > 0) & loss_mask
+        keep = torch.zeros_like(resp)
+        for b in range(resp.shape[0]):
+            for d in torch.unique(docs[b][resp[b]]):
+                t = torch.nonzero(resp[b] & (docs[b] == d)).squeeze(1)
+                h = hist[b, t] if hist is not None else None
+                a = attn[b, t] if attn is not None else None
+                keep[b, t] = sstoken_keep(token_loss[b, t].detach(), h, a, self.p.rho, gamma)
         self._kept += int(keep.sum())
-        self._valid += int(pos.sum())
+        self._valid += int(resp.sum())
         return weights * keep
 
-    def _attention(self, net, ids) -> torch.Tensor:
+    def _make_history(self, net) -> None:
+        self.history = copy.deepcopy(net).eval().requires_grad_(False)
+        if self._pending is not None:
+            self.history.load_state_dict(self._pending)
+            self._pending = None
+
+    def _attention(self, net, batch) -> torch.Tensor:
+        """[B, L, L] last-layer attention of the current model, averaged over heads (no gradient)."""
+        ids = batch["input_ids"]
+        if is_builtin_gpt(net):
+            with torch.no_grad():
+                return _gpt_attention(net, batch)
         if self.attn is None:
             self.attn = capture_last_attention(net)
         got = self.attn.tokensift_attn
         if got is None or got.shape[0] != ids.shape[0] or got.shape[-1] != ids.shape[1]:
             with torch.no_grad():
-                _logits(net, ids)
+                packed_forward(net, batch)
             got = self.attn.tokensift_attn
         self.attn.tokensift_attn = None
         return got
@@ -260,3 +309,34 @@ class SSTokenScorer:
         kept = self._kept / self._valid if self._valid else 0.0
         self._kept = self._valid = 0
         return {"sstoken/kept_fraction": kept}
+
+    def state_dict(self) -> dict:
+        """``steps`` and the history weights (``None`` before the first call)."""
+        history = self.history.state_dict() if self.history is not None else self._pending
+        return {"steps": self.steps, "history": None if history is None else {k: v.detach().cpu().clone() for k, v in history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        if state.get("history") is None:
+            return
+        if self.history is None:
+            self._pending = dict(state["history"])
+        else:
+            self.history.load_state_dict(state["history"])
+
+
+def _gpt_attention(net, batch) -> torch.Tensor:
+    """The built-in GPT's last-layer attention ``[B, H, L, L]`` (``output_attentions=True``), head-averaged."""
+    try:
+        out = packed_forward(net, batch, output_attentions=True)
+    except TypeError as e:
+        raise ValueError(
+            "sstoken: this built-in GPT's forward does not return attentions (output_attentions=True); "
+            "use gamma: 1 (loss reduction only)"
+        ) from e
+    attn = out[-1] if isinstance(out, tuple) else getattr(out, "attentions", None)
+    if isinstance(attn, (tuple, list)):
+        attn = attn[-1]
+    if not isinstance(attn, torch.Tensor) or attn.dim() != 4:
+        raise ValueError("sstoken: the built-in GPT returned no [B, H, L, L] attention for output_attentions=True")
+    return attn.float().mean(1)

@@ -10,6 +10,8 @@ from omegaconf import MISSING
 from tokensift.config import ConfigError
 from tokensift.trainers.losses import NORMALIZATIONS
 
+OBJECTIVES = ("sft", "token_dpo")
+
 
 @dataclass
 class DataConfig:
@@ -22,14 +24,18 @@ class DataConfig:
         num_workers: DataLoader workers packing batches (0: in the training process).
         shuffle: shuffle documents every epoch (seeded by ``seed``).
         mask_doc_boundary: weight 0 on the first token of each document.
+        mask_prompt: SFT trains on response tokens only: the loss weights are multiplied by the batch's
+            ``loss_mask`` (written by the tokenize stage from prompt/response or chat columns; a snapshot
+            without it is all response).
     """
 
     snapshot: str = MISSING
-    seq_len: int = 256
-    micro_batch_size: int = 8
-    num_workers: int = 0
+    seq_len: int = field(default=256, metadata={"ge": 1})
+    micro_batch_size: int = field(default=8, metadata={"ge": 1})
+    num_workers: int = field(default=0, metadata={"ge": 0})
     shuffle: bool = True
     mask_doc_boundary: bool = True
+    mask_prompt: bool = True
 
 
 @dataclass
@@ -43,7 +49,7 @@ class ModelConfig:
         gguf_file: for ``hf``: a GGUF file inside ``path``.
     """
 
-    kind: str = "gpt"
+    kind: str = field(default="gpt", metadata={"choices": ("gpt", "hf")})
     gpt: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     gguf_file: str | None = None
@@ -64,14 +70,14 @@ class OptimConfig:
         grad_clip: global gradient-norm clip (0: none).
     """
 
-    lr: float = 3e-4
-    weight_decay: float = 0.1
+    lr: float = field(default=3e-4, metadata={"gt": 0.0})
+    weight_decay: float = field(default=0.1, metadata={"ge": 0.0})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    eps: float = field(default=1e-8, metadata={"gt": 0.0})
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant")})
+    min_lr_ratio: float = field(default=0.1, metadata={"ge": 0.0, "le": 1.0})
+    grad_clip: float = field(default=1.0, metadata={"ge": 0.0})
 
 
 @dataclass
@@ -88,6 +94,23 @@ class ScorerConfig:
 
 
 @dataclass
+class DPOConfig:
+    """The token-level DPO objective (cDPO, ``tokensift.trainers.dpo``) over paired rows.
+
+    Args:
+        beta: DPO beta (cDPO: 0.1).
+        form: ``sequence`` (the paper's token-weighted DPO: one sigmoid per pair over summed weighted
+            log-ratios) or ``position`` (the release: chosen and rejected paired position by position).
+        reference: the frozen reference model: ``initial`` (the trained model's own weights before the first
+            update, as the release's PEFT base) or a local HF model directory.
+    """
+
+    beta: float = field(default=0.1, metadata={"gt": 0.0})
+    form: str = field(default="sequence", metadata={"choices": ("sequence", "position")})
+    reference: str = "initial"
+
+
+@dataclass
 class EngineConfig:
     """DeepSpeed.
 
@@ -99,8 +122,8 @@ class EngineConfig:
         extra: more DeepSpeed config keys, merged over the generated ones.
     """
 
-    zero_stage: int = 0
-    precision: str = "fp32"
+    zero_stage: int = field(default=0, metadata={"choices": (0, 1, 2)})
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
     accelerator: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +134,8 @@ class TrainConfig:
 
     Args:
         out_dir: where ``checkpoints/``, ``metrics.jsonl`` and ``config.yaml`` go.
+        objective: ``sft`` (token-weighted LM loss over packed documents) or ``token_dpo`` (cDPO over the
+            snapshot's preference pairs; see ``dpo``).
         max_steps: optimizer steps.
         grad_accum: micro-batches per optimizer step.
         loss_normalize: ``weights`` (sum(w*ce)/sum(w) per micro-batch), ``tokens`` (by the micro-batch's
@@ -124,17 +149,19 @@ class TrainConfig:
     name: str = "tokensift-train"
     seed: int = 0
     out_dir: str = MISSING
-    max_steps: int = 100
-    grad_accum: int = 1
-    loss_normalize: str = "weights"
-    log_every: int = 1
-    save_every: int = 0
+    objective: str = field(default="sft", metadata={"choices": OBJECTIVES})
+    max_steps: int = field(default=100, metadata={"ge": 1})
+    grad_accum: int = field(default=1, metadata={"ge": 1})
+    loss_normalize: str = field(default="weights", metadata={"choices": NORMALIZATIONS})
+    log_every: int = field(default=1, metadata={"ge": 1})
+    save_every: int = field(default=0, metadata={"ge": 0})
     resume: bool = True
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     deepspeed: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -151,6 +178,11 @@ def check(cfg: TrainConfig) -> None:
         (cfg.optim.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}"),
         (cfg.max_steps >= 1 and cfg.grad_accum >= 1, "max_steps and grad_accum must be >= 1"),
         (cfg.data.seq_len >= 1 and cfg.data.micro_batch_size >= 1, "data.seq_len and data.micro_batch_size must be >= 1"),
+        (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}"),
+        (cfg.dpo.form in ("sequence", "position"), f"dpo.form must be 'sequence' or 'position', got {cfg.dpo.form!r}"),
+        (cfg.dpo.beta > 0, f"dpo.beta must be > 0, got {cfg.dpo.beta}"),
+        (cfg.objective != "token_dpo" or not cfg.scorer.name,
+         "scorer.name is for objective=sft; token_dpo takes its token weights from the pairs' rejected_token_weights"),
     ]
     for ok, message in checks:
         if not ok:

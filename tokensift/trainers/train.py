@@ -1,12 +1,18 @@
 """The DeepSpeed training loop behind ``tokensift train``.
 
-Per optimizer step: ``model.begin_global_batch()``; ``grad_accum`` micro-batches from the
-:class:`~tokensift.pipeline.loader.TokenLoader` (sharded by data-parallel rank), each one forward ->
+``objective: sft`` (default). Per optimizer step: ``model.begin_global_batch()``; ``grad_accum`` micro-batches
+from the :class:`~tokensift.pipeline.loader.TokenLoader` (sharded by data-parallel rank), each one forward ->
 online token scorer (optional) -> weighted loss + ``model.aux_loss()`` -> ``engine.backward`` ->
 ``engine.step()`` (DeepSpeed applies the optimizer at the accumulation boundary); then
 ``model.end_global_batch()``, ``scorer.on_step_end(model)``, a metrics line, and a checkpoint every
-``save_every`` steps and at the end. A run whose ``out_dir`` holds a checkpoint resumes from it: model,
-optimizer, LR schedule, loader position (the next token), scorer state and step.
+``save_every`` steps and at the end. With ``data.mask_prompt`` (default) the loss weights are multiplied by
+the batch's ``loss_mask``, so prompts are not trained.
+
+``objective: token_dpo``: the micro-batches are preference pairs (:class:`~tokensift.trainers.pairs.PairLoader`)
+and the loss is cDPO's token-level DPO against a frozen reference (:mod:`tokensift.trainers.dpo`).
+
+A run whose ``out_dir`` holds a checkpoint resumes from it: model, optimizer, LR schedule, loader position,
+the online scorer's ``state_dict()`` (plain tensors and numbers, in the checkpoint's client state) and step.
 
 The world comes from the launcher's environment (``torchrun``, the ``deepspeed`` launcher, Slurm ...): a
 process started alone gets ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1`` and a free
@@ -16,6 +22,7 @@ NCCL on GPUs).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -124,11 +131,8 @@ def train(cfg: TrainConfig) -> dict:
         from tokensift.scorers.online import get_online_scorer
 
         scorer = get_online_scorer(cfg.scorer.name, OmegaConf.to_container(OmegaConf.create(dict(cfg.scorer.params))))
-    loader = TokenLoader(
-        cfg.data.snapshot, cfg.data.seq_len, cfg.data.micro_batch_size, rank=rank, world_size=world, seed=cfg.seed,
-        shuffle=cfg.data.shuffle, mask_doc_boundary=cfg.data.mask_doc_boundary, num_workers=cfg.data.num_workers,
-        pin_memory=engine.device.type == "cuda",
-    )
+    reference = _reference(cfg, module, engine.device) if cfg.objective == "token_dpo" else None
+    loader = _loader(cfg, rank, world, engine.device)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     start = 0
@@ -136,7 +140,7 @@ def train(cfg: TrainConfig) -> dict:
     if state is not None:
         start = int(state["step"])
         loader.load_state_dict(state["loader"])
-        if scorer is not None and state.get("scorer") is not None and hasattr(scorer, "load_state_dict"):
+        if scorer is not None and state.get("scorer") is not None:
             scorer.load_state_dict(state["scorer"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,16 +150,72 @@ def train(cfg: TrainConfig) -> dict:
     batches, record = iter(loader), {}
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     for step in range(start, cfg.max_steps):
-        record = _train_step(engine, module, scorer, batches, cfg, vocab, step)
+        if reference is not None:
+            record = _dpo_step(engine, reference, batches, cfg, vocab, step)
+        else:
+            record = _train_step(engine, module, scorer, batches, cfg, vocab, step)
         if rank == 0:
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record['kept_fraction']:.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record.get('kept_fraction', 1.0):.2f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             writer.write(record)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
-            scorer_state = scorer.state_dict() if scorer is not None and hasattr(scorer, "state_dict") else None
+            scorer_state = scorer.state_dict() if scorer is not None else None
             checkpoint.save(engine, ckpt_dir, step + 1, {"loader": loader.state_dict(), "scorer": scorer_state})
     bar.close()
+    return record
+
+
+def _loader(cfg: TrainConfig, rank: int, world: int, device: torch.device):
+    """The packed-document loader (``sft``) or the preference-pair loader (``token_dpo``)."""
+    if cfg.objective == "token_dpo":
+        from tokensift.trainers.pairs import PairLoader
+
+        return PairLoader(cfg.data.snapshot, cfg.data.seq_len, cfg.data.micro_batch_size, rank=rank,
+                          world_size=world, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    return TokenLoader(
+        cfg.data.snapshot, cfg.data.seq_len, cfg.data.micro_batch_size, rank=rank, world_size=world, seed=cfg.seed,
+        shuffle=cfg.data.shuffle, mask_doc_boundary=cfg.data.mask_doc_boundary, num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _reference(cfg: TrainConfig, module: nn.Module, device: torch.device) -> nn.Module:
+    """cDPO's frozen reference: a copy of the model before any update (taken before a resume loads weights),
+    or an HF causal LM from ``dpo.reference``."""
+    if cfg.dpo.reference == "initial":
+        ref = copy.deepcopy(module)
+    else:
+        from tokensift.models.causal_lm import load_model
+
+        ref = load_model(cfg.dpo.reference).to(device=device, dtype=next(module.parameters()).dtype)
+    return ref.eval().requires_grad_(False)
+
+
+def _dpo_step(engine, reference, batches, cfg: TrainConfig, vocab: int | None, step: int) -> dict:
+    """One optimizer step of token-level DPO over ``grad_accum`` micro-batches of pairs (summed over ranks)."""
+    from tokensift.trainers.dpo import dpo_micro_batch_loss
+
+    t0, lr = time.perf_counter(), float(engine.get_lr()[0])
+    sums = torch.zeros(5, dtype=torch.float64)
+    for _ in range(cfg.grad_accum):
+        mb = _to_device(_next(batches, cfg), engine.device, vocab, ("chosen_input_ids", "rejected_input_ids"))
+        loss, stats = dpo_micro_batch_loss(engine, reference, mb, cfg.dpo.beta, cfg.dpo.form)
+        engine.backward(loss)
+        engine.step()
+        tokens = int(mb["chosen_mask"].sum() + mb["rejected_mask"].sum())
+        sums += torch.tensor([loss.item(), stats["margin"], stats["accuracy"], stats["pairs"], tokens], dtype=torch.float64)
+    loss_sum, margin, accuracy, pairs, tokens = all_reduce_sums(sums.tolist(), engine.device)
+    seconds = time.perf_counter() - t0
+    world = torch.distributed.get_world_size()
+    record = {
+        "step": step + 1, "loss": loss_sum / (cfg.grad_accum * world), "lr": lr, "dpo/margin": margin / pairs,
+        "dpo/reward_accuracy": accuracy / pairs, "tokens": int(tokens), "tokens_per_s": tokens / seconds,
+        "step_time_s": seconds,
+    }
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
     return record
 
 
@@ -171,6 +231,10 @@ def _train_step(engine, module, scorer, batches, cfg: TrainConfig, vocab: int | 
     if hasattr(module, "begin_global_batch"):
         module.begin_global_batch()
     micro = [_to_device(_next(batches, cfg), engine.device, vocab) for _ in range(cfg.grad_accum)]
+    if cfg.data.mask_prompt:
+        for mb in micro:
+            if "loss_mask" in mb:
+                mb["loss_weights"] = mb["loss_weights"] * mb["loss_mask"].to(mb["loss_weights"].dtype)
     denominator, online = None, scorer
     if cfg.loss_normalize == "global":
         if scorer is not None:  # the kept count must be known before any backward: score without gradient first
@@ -215,8 +279,8 @@ def _next(batches, cfg: TrainConfig) -> dict:
         raise RuntimeError(f"{cfg.data.snapshot}: the loader ran out of data before max_steps={cfg.max_steps}") from None
 
 
-def _to_device(batch: dict, device: torch.device, vocab: int | None) -> dict:
-    top = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
+def _to_device(batch: dict, device: torch.device, vocab: int | None, id_keys=("input_ids", "labels")) -> dict:
+    top = max(int(batch[k].max()) for k in id_keys)
     if vocab is not None and top >= vocab:
         raise ValueError(f"data.snapshot holds token id {top}, not below the model's vocab_size {vocab}")
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
