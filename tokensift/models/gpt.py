@@ -11,6 +11,11 @@
   (:mod:`tokensift.trainers.mod`). Training routes by top-k; ``model.eval()`` routes causally (router BCE
   or auxiliary predictor), as sampling must.
 
+Packed rows: ``position_ids`` and ``document_ids`` (``[B, T]``, from ``tokensift.pipeline.loader``) give each
+token its position inside its document and confine attention to the token's own document (a block-diagonal
+causal mask, :func:`tokensift.models.packing.document_mask`); without them attention is plainly causal.
+``output_attentions=True`` also returns the last layer's attention probabilities ``[B, H, T, T]``.
+
 Training loop contract: ``loss = lm_loss + model.aux_loss()`` per micro-batch; ``model.begin_global_batch()``
 before the first micro-batch of each optimizer step and ``model.end_global_batch()`` after the step.
 """
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokensift.models.packing import document_mask
 from tokensift.trainers.mod import (
     ROUTER_AUX,
     RoutePredictor,
@@ -145,7 +151,9 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; an explicit boolean ``attn_mask`` replaces the causal mask."""
+    """Multi-head causal self-attention; an explicit boolean ``attn_mask`` (True = attend) replaces the causal
+    mask. Returns ``(y, probs)``: ``probs`` ``[B, H, T, T]`` only when ``need_weights`` (computed in the open
+    instead of by the fused kernel), else ``None``."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -154,13 +162,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=attn_mask is None
-        )
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        dropout, probs = self.dropout if self.training else 0.0, None
+        if need_weights:
+            allowed = attn_mask if attn_mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+            probs = F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+            y = F.dropout(probs, dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), probs
 
 
 class MLP(nn.Module):
@@ -228,13 +243,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MoE(cfg) if moe else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(output, attention probabilities or None)``."""
+        a, probs = self.attn(self.ln_1(x), attn_mask, need_weights)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), probs
 
 
 class MoDBlock(nn.Module):
-    """Mixture-of-depths around a :class:`Block`: ``x_i + r_i * (Block(X~) - X~)_i`` on the routed tokens."""
+    """Mixture-of-depths around a :class:`Block`: ``x_i + r_i * (Block(X~) - X~)_i`` on the routed tokens.
+
+    Returns ``(output, probs)``; ``probs`` (with ``need_weights``) is ``[B, H, T, T]``, zero on the rows and
+    columns of tokens that skipped the block."""
 
     def __init__(self, cfg: GPTConfig, block: Block):
         super().__init__()
@@ -244,15 +266,21 @@ class MoDBlock(nn.Module):
         self.aux: torch.Tensor | None = None
         self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, document_ids: torch.Tensor | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         r = self.router(x).squeeze(-1)
         causal_logits = r if self.predictor is None else self.predictor(x)
         if not self.training:  # sampling-time routing: each token decides from its own prefix
             routed = causal_logits > 0
             self.aux, self.last = None, {"routed": routed.detach()}
-            delta = self.block(x, routed_attention_mask(routed)) - x
-            return x + torch.where(routed[..., None], r[..., None] * delta, torch.zeros_like(delta))
+            mask = routed_attention_mask(routed)
+            if document_ids is not None:
+                mask = mask & document_mask(document_ids)[:, None]
+            out, probs = self.block(x, mask, need_weights)
+            delta = out - x
+            return x + torch.where(routed[..., None], r[..., None] * delta, torch.zeros_like(delta)), probs
         positions = top_k_positions(r, mod_capacity(T, self.cfg.capacity))
         target = positions_mask(positions, T)
         self.last = {"routed": target, "causal": causal_logits.detach() > 0}
@@ -260,8 +288,14 @@ class MoDBlock(nn.Module):
         self.aux = coef * routing_bce(causal_logits, target) if torch.is_grad_enabled() else None
         index = positions[..., None].expand(-1, -1, C)
         routed_x = x.gather(1, index)
-        delta = self.block(routed_x) - routed_x
-        return x.scatter_add(1, index, r.gather(1, positions)[..., None].to(delta.dtype) * delta)
+        mask = None if document_ids is None else document_mask(document_ids.gather(1, positions))[:, None]
+        out, probs = self.block(routed_x, mask, need_weights)
+        delta = out - routed_x
+        if probs is not None:  # back to full-sequence rows and columns
+            H, k = probs.shape[1], positions.shape[1]
+            rows = probs.new_zeros(B, H, T, k).scatter_(2, positions[:, None, :, None].expand(B, H, k, k), probs)
+            probs = probs.new_zeros(B, H, T, T).scatter_(3, positions[:, None, None, :].expand(B, H, T, k), rows)
+        return x.scatter_add(1, index, r.gather(1, positions)[..., None].to(delta.dtype) * delta), probs
 
 
 class GPT(nn.Module):
@@ -298,16 +332,32 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
-        """Logits ``[B, T, V]``, or the final normed hidden states ``[B, T, C]`` when ``return_hidden``."""
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None, return_hidden: bool = False, output_attentions: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T, V]``, or the final normed hidden states ``[B, T, C]`` when ``return_hidden``.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            position_ids: ``[B, T]`` position of each token in its document (default ``0..T-1``).
+            document_ids: ``[B, T]`` document index of each token: attention stays inside a document.
+            return_hidden: return the final hidden states instead of logits.
+            output_attentions: return ``(logits or hidden, last layer's attention probabilities [B, H, T, T])``.
+        """
         B, T = input_ids.shape
         if T > self.config.block_size:
             raise ValueError(f"input_ids has {T} positions, more than block_size={self.config.block_size}")
-        x = self.drop(self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)))
-        for block in self.h:
-            x = block(x)
+        positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        mask = None if document_ids is None else document_mask(document_ids)[:, None]
+        probs = None
+        for i, block in enumerate(self.h):
+            need = output_attentions and i == len(self.h) - 1
+            x, probs = block(x, document_ids, need) if isinstance(block, MoDBlock) else block(x, mask, need)
         x = self.ln_f(x)
-        return x if return_hidden else self.lm_head(x)
+        out = x if return_hidden else self.lm_head(x)
+        return (out, probs) if output_attentions else out
 
     def routed_modules(self, kind: type) -> list[tuple[int, nn.Module]]:
         """``(block index, module)`` for every MoE layer or MoD block."""

@@ -5,6 +5,11 @@ its final hidden states; without a scorer the head runs on the weighted rows onl
 logits are computed without gradient for it and the loss reuses them through
 ``tokensift.trainers.losses.kept_head_loss``, so tokens a scorer drops (ESLM, ssToken masks) cost no
 LM-head backward. Any other model (an HF causal LM) computes full logits with gradient.
+
+Packed batches keep their documents apart: the forward gets the batch's ``position_ids`` and
+``document_ids`` (the GPT takes them; an HF causal LM gets ``position_ids`` and a 4-D block-diagonal causal
+``attention_mask``; see :mod:`tokensift.models.packing`), so a packed row trains exactly as its documents
+would one by one.
 """
 
 from __future__ import annotations
@@ -13,19 +18,19 @@ import torch
 from torch import nn
 
 from tokensift.models.gpt import GPT
-from tokensift.trainers.losses import kept_head_loss
-from tokensift.trainers.losses import normalizer, token_cross_entropy, weighted_loss
+from tokensift.models.packing import packed_forward, packed_logits
+from tokensift.trainers.losses import kept_head_loss, normalizer, token_cross_entropy, weighted_loss
 
 
-def forward_logits(engine: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = engine(input_ids) if isinstance(module, GPT) else engine(input_ids=input_ids)
-    return out if isinstance(out, torch.Tensor) else out.logits
+def forward_logits(engine: nn.Module, module: nn.Module, batch: dict) -> torch.Tensor:
+    """``[B, T, V]`` logits of a (packed) batch; ``engine`` wraps ``module`` (or is it)."""
+    return packed_logits(engine, batch, module)
 
 
 @torch.no_grad()
 def scored_weights(engine: nn.Module, module: nn.Module, batch: dict, scorer) -> torch.Tensor:
     """The scorer's weights for ``batch`` from a forward without gradient (used to pre-count kept tokens)."""
-    logits = forward_logits(engine, module, batch["input_ids"])
+    logits = forward_logits(engine, module, batch)
     token_loss = token_cross_entropy(logits, batch["labels"])
     return scorer(token_loss, logits, batch["loss_weights"], batch, module).detach()
 
@@ -39,7 +44,8 @@ def micro_batch_loss(
     Args:
         engine: the DeepSpeed engine (or the plain model) called for the forward.
         module: the underlying ``nn.Module`` (``engine.module``), passed to the scorer.
-        batch: ``input_ids``, ``labels``, ``loss_weights`` (``[B, T]``) on the model's device. When
+        batch: ``input_ids``, ``labels``, ``loss_weights`` (``[B, T]``; packed: ``position_ids``,
+            ``document_ids``) on the model's device. When
             ``loss_weights`` already holds a scorer's output (see :func:`scored_weights`), pass no scorer.
         scorer: an online token scorer ``scorer(token_loss, logits, weights, batch, model) -> weights``.
         normalize: see ``tokensift.trainers.losses.weighted_loss``.
@@ -47,12 +53,12 @@ def micro_batch_loss(
     """
     labels, weights = batch["labels"], batch["loss_weights"]
     if not isinstance(module, GPT):
-        logits = forward_logits(engine, module, batch["input_ids"])
+        logits = forward_logits(engine, module, batch)
         token_loss = token_cross_entropy(logits, labels)
         if scorer is not None:
             weights = scorer(token_loss.detach(), logits.detach(), weights, batch, module).detach()
         return weighted_loss(token_loss, weights, normalize, denominator), token_loss.detach(), weights
-    hidden = engine(batch["input_ids"], return_hidden=True)
+    hidden = packed_forward(engine, batch, module, return_hidden=True)
     if scorer is None:  # only the weighted rows go through the head, forward and backward
         kept = weights != 0
         if bool(kept.all()):
