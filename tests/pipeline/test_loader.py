@@ -236,11 +236,12 @@ def test_reads_through_a_filesystem_uri_and_without_row_group_counts(tmp_path, s
 
 
 def test_a_rank_reads_only_the_row_groups_of_its_sequences(tmp_path, monkeypatch):
-    """World size 8: each rank reads at most 1.25x its share of the tokens, and the ranks cover the epoch."""
+    """World size 8: each rank reads at most 1.25x its share of the tokens, and the ranks cover the epoch;
+    the two DataLoader workers of a rank split its reads instead of both reading them."""
     rng = np.random.default_rng(0)
     tables, d = [], 0
-    for _ in range(4):  # 4 shards x 24 row groups x 5 documents
-        lengths = rng.integers(4, 25, 120)
+    for _ in range(4):  # 4 shards x 40 row groups x 5 documents
+        lengths = rng.integers(4, 25, 200)
         tables.append(pa.table({"input_ids": pa.array([_doc(d + j, n) for j, n in enumerate(lengths)],
                                                        pa.list_(pa.int32()))}))
         d += len(lengths)
@@ -262,6 +263,11 @@ def test_a_rank_reads_only_the_row_groups_of_its_sequences(tmp_path, monkeypatch
         assert sum(read) <= 1.25 * total / W, (r, sum(read), total / W)
     labels = torch.cat(labels).reshape(-1).numpy()
     assert len(np.unique(labels)) == len(labels) > 0.97 * total  # no overlap; the gap is the last rounds
+    loader = TokenLoader(snap, L, 1, rank=3, world_size=W, seed=1, epochs=1, num_workers=2)
+    for worker in range(2):  # what worker w of 2 makes inside a DataLoader: the rank's batches w, w+2, ...
+        read.clear()
+        assert len(list(loader._batches_from(worker, 2))) > 0
+        assert sum(read) <= 1.25 * total / W / 2, (worker, sum(read), total / W / 2)
 
 
 def test_manifest_is_the_truth(tmp_path, snapshot):
