@@ -32,10 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokensift.models.gpt import GPT
+from tokensift.models.packing import packed_forward, packed_logits
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
 from tokensift.scorers import common
-from tokensift.scorers.packed import is_builtin_gpt, packed_forward, packed_logits
 
 _CAPTURE = "tokensift_capture"
 
@@ -284,7 +285,7 @@ class SSTokenScorer:
     def _attention(self, net, batch) -> torch.Tensor:
         """[B, L, L] last-layer attention of the current model, averaged over heads (no gradient)."""
         ids = batch["input_ids"]
-        if is_builtin_gpt(net):
+        if isinstance(net, GPT):
             with torch.no_grad():
                 return _gpt_attention(net, batch)
         if self.attn is None:

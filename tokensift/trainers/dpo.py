@@ -16,31 +16,29 @@ from __future__ import annotations
 
 import torch
 
+from tokensift.models.packing import packed_logits
 from tokensift.scorers.critical import token_dpo_loss
-from tokensift.scorers.packed import packed_logits
 from tokensift.trainers.losses import token_cross_entropy
 
 
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, L] ``log p(labels[t] | input_ids[:t+1])`` under ``model`` (fp32)."""
-    return -token_cross_entropy(packed_logits(model, {"input_ids": input_ids}), labels)
-
-
-def pair_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the chosen and rejected sides, from one forward over both (``[2B, L]``)."""
+def pair_logps(model: torch.nn.Module, batch: dict, module: torch.nn.Module | None = None):
+    """Per-token log-probs ``log p(labels[t] | ids[:t+1])`` (fp32) of the chosen and the rejected sides, from one
+    forward over both (``[2B, L]``); ``module`` is the ``nn.Module`` under ``model`` when that is a wrapper."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logps = sequence_logps(model, ids, labels)
+    logps = -token_cross_entropy(packed_logits(model, {"input_ids": ids}, module), labels)
     return logps.chunk(2)
 
 
 def dpo_micro_batch_loss(
-    policy: torch.nn.Module, reference: torch.nn.Module, batch: dict, beta: float = 0.1, form: str = "sequence"
+    policy: torch.nn.Module, reference: torch.nn.Module, batch: dict, beta: float = 0.1, form: str = "sequence",
+    module: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``(loss, stats)`` of one micro-batch of pairs; ``stats``: summed ``margin`` and ``accuracy`` over pairs.
 
     Args:
         policy: the model trained (the DeepSpeed engine or the module).
+        module: the ``nn.Module`` under ``policy`` when ``policy`` is a DeepSpeed engine.
         reference: the frozen reference model.
         batch: a :class:`~tokensift.trainers.pairs.PairLoader` batch on the model's device.
         beta: DPO beta.
@@ -49,7 +47,7 @@ def dpo_micro_batch_loss(
     The margin of a pair is ``sum_t r^w_t - sum_t w_t r^l_t`` (the sequence form's logit over beta); it
     grows as the policy prefers the chosen response more than the reference does.
     """
-    chosen, rejected = pair_logps(policy, batch)
+    chosen, rejected = pair_logps(policy, batch, module)
     with torch.no_grad():
         ref_chosen, ref_rejected = pair_logps(reference, batch)
     cm, rm, w = batch["chosen_mask"], batch["rejected_mask"], batch["rejected_weights"]

@@ -13,20 +13,22 @@ packed). Batch tensors, all ``[B, seq_len]`` and aligned with the labels (``labe
 
 Order and sharding follow ``TokenLoader``: pairs are shuffled per epoch (seeded); global batch k is pairs
 ``[k*B*W, (k+1)*B*W)`` of the stream, rank r taking ``r + W*j`` of them; ``state_dict()`` counts the pairs
-the job consumed and resumes at the next batch. The pairs are held in memory (preference sets are small).
+the job consumed and resumes at the next batch. The shards are those ``manifest.json`` lists (on any
+filesystem, like the token loader's), with the manifest's row counts; the pairs are held in memory
+(preference sets are small).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from tokensift.pipeline import fs
 from tokensift.pipeline.schema import INPUT_IDS, PROMPT_LENGTH, TOKEN_WEIGHTS
+from tokensift.pipeline.shards import MANIFEST
 from tokensift.pipeline.tokenize import LOSS_MASK, REJECTED
 
 SIDES = ("chosen", "rejected")
@@ -76,27 +78,31 @@ def _pad(seqs: list[np.ndarray], width: int, dtype) -> np.ndarray:
 
 
 class PairLoader:
-    """Batches of preference pairs from ``<snapshot>/data/*.parquet`` (see the module docstring).
+    """Batches of preference pairs from a snapshot's shards (see the module docstring).
 
     Args:
-        snapshot_dir: the snapshot.
+        snapshot_dir: the snapshot (local path or URI).
         seq_len: label positions per side (each side keeps its first ``seq_len + 1`` tokens).
         batch_size: pairs per batch on this rank.
         rank, world_size: data-parallel rank and size.
         seed: shuffling seed.
         shuffle: shuffle the pairs every epoch.
+        storage: storage options for URIs.
     """
 
-    def __init__(self, snapshot_dir: str | Path, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
-        files = sorted((Path(snapshot_dir) / "data").glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no parquet shards in {Path(snapshot_dir) / 'data'}")
+    def __init__(self, snapshot_dir: str, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, storage=None):
+        manifest = fs.join(str(snapshot_dir), MANIFEST)
+        if not fs.is_file(manifest, storage):
+            raise FileNotFoundError(f"{snapshot_dir}: not a tokensift snapshot (no {MANIFEST})")
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.sides = {side: ([], [], []) for side in SIDES}
-        for f in files:
-            table = pq.read_table(f)
+        for shard in fs.read_json(manifest, storage)["shards"]:
+            f = fs.join(str(snapshot_dir), shard["file"])
+            table = fs.read_table(f, storage=storage)
+            if table.num_rows != shard["rows"]:
+                raise ValueError(f"{f}: {table.num_rows} rows, {manifest} says {shard['rows']}")
             for side in SIDES:
                 for acc, part in zip(self.sides[side], _side(table, str(f), side), strict=True):
                     acc.extend(part)

@@ -200,7 +200,7 @@ def _dpo_step(engine, reference, batches, cfg: TrainConfig, vocab: int | None, s
     sums = torch.zeros(5, dtype=torch.float64)
     for _ in range(cfg.grad_accum):
         mb = _to_device(_next(batches, cfg), engine.device, vocab, ("chosen_input_ids", "rejected_input_ids"))
-        loss, stats = dpo_micro_batch_loss(engine, reference, mb, cfg.dpo.beta, cfg.dpo.form)
+        loss, stats = dpo_micro_batch_loss(engine, reference, mb, cfg.dpo.beta, cfg.dpo.form, engine.module)
         engine.backward(loss)
         engine.step()
         tokens = int(mb["chosen_mask"].sum() + mb["rejected_mask"].sum())
