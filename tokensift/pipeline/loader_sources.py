@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,16 +83,25 @@ class SnapshotSource:
             shards = fs.read_json(manifest_path, storage)["shards"]
         self.fs = fs.resolve(self.uri, storage)[0]
         self.files = [fs.join(self.uri, s["file"]) for s in shards]
-        self.metadata, self.columns, self.groups = [], [], []
-        for i, shard in enumerate(shards):
-            self._add_shard(i, shard, manifest_path, verify)
+        with ThreadPoolExecutor(min(16, max(1, len(shards)))) as pool:  # footers: one round trip each
+            found = list(pool.map(lambda a: self._inspect(*a, manifest_path, verify), enumerate(shards)))
+        self.metadata = [meta for meta, _, _ in found]
+        self.columns = [columns for _, columns, _ in found]
+        self.groups = []
+        for i, (meta, _, tokens) in enumerate(found):
+            first = 0
+            for j, n_tokens in enumerate(tokens):
+                rows = meta.row_group(j).num_rows
+                self.groups.append(RowGroup(i, j, first, rows, int(n_tokens)))
+                first += rows
         self.tokens_per_epoch = sum(g.tokens for g in self.groups)
         if self.tokens_per_epoch < 2:
             raise ValueError(f"{self.uri}: the snapshot holds {self.tokens_per_epoch} tokens; at least 2 are needed")
         self.total_tokens = None if epochs is None else epochs * self.tokens_per_epoch
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _add_shard(self, i: int, shard: dict, manifest_path: str, verify: bool) -> None:
+    def _inspect(self, i: int, shard: dict, manifest_path: str, verify: bool) -> tuple[pq.FileMetaData, list, list]:
+        """Check shard ``i`` against its manifest entry; ``(footer, columns to read, tokens per row group)``."""
         path = self.files[i]
         inner = fs.resolve(path, self.storage)[1]
         if self.fs.get_file_info(inner).type != pafs.FileType.File:
@@ -111,12 +121,7 @@ class SnapshotSource:
         if listed is not None and [g["rows"] for g in listed] != rows:
             raise ValueError(f"{path}: row groups of {rows} rows, {manifest_path} lists {[g['rows'] for g in listed]}")
         tokens = [g["tokens"] for g in listed] if listed is not None else self._count_tokens(i, meta, inner)
-        self.metadata.append(meta)
-        self.columns.append([c for c in COLUMNS if c in names])
-        first = 0
-        for j, (n_rows, n_tokens) in enumerate(zip(rows, tokens, strict=True)):
-            self.groups.append(RowGroup(i, j, first, n_rows, int(n_tokens)))
-            first += n_rows
+        return meta, [c for c in COLUMNS if c in names], tokens
 
     def _count_tokens(self, i: int, meta: pq.FileMetaData, inner: str) -> list[int]:
         with reading(self.files[i]), self.fs.open_input_file(inner) as handle:
