@@ -3,6 +3,7 @@ online ESLM, an HF causal LM in bf16 + ZeRO-2, the CLI, and 2 processes against 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from tokensift.cli import main as cli_main
 from tokensift.config import load
+from tokensift.pipeline.shards import write_manifest
 from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
 from tokensift.trainers.checkpoint import load_model_state
 from tokensift.trainers.config import TrainConfig
@@ -34,6 +36,7 @@ def snapshot(sample_dir, tmp_path_factory):
     for i, name in enumerate(("news", "code")):
         table = pq.read_table(sample_dir / f"{name}.parquet", columns=["id", "text"]).slice(0, 40)
         pq.write_table(tok(table), out / "data" / f"train-{i:05d}-of-00002.parquet")
+    write_manifest(str(out))
     return out
 
 
@@ -90,13 +93,28 @@ def test_online_eslm_keeps_the_top_half(snapshot, tmp_path, normalize):
         assert r["kept_fraction"] == pytest.approx(0.5 * 0.98, abs=0.03)
 
 
-def test_moe_and_mod_gpt_hooks_reach_loss_and_metrics(snapshot, tmp_path):
-    train(_cfg(snapshot, tmp_path, "max_steps=2", "grad_accum=2", "model.gpt.moe.num_experts=4",
-               "model.gpt.moe.balance=global", "model.gpt.mod.capacity=0.25"))
-    for r in read_metrics(tmp_path / "metrics.jsonl"):
-        assert r["aux_loss"] > 0  # balancing + MoD router losses were added to the LM loss
-        loads = [r[f"model/moe/0/load_{e}"] for e in range(4)]  # counted over the step's 2 micro-batches
-        assert sum(loads) == pytest.approx(1.0) and r["model/mod/1/routed_share"] == pytest.approx(0.25)
+def test_moe_and_mod_aux_losses_are_the_metric_and_reach_only_what_they_train(snapshot, tmp_path):
+    """One step with the MoE balancing loss off (``aux_coef=0``) and on (1): the same forward, so the metric
+    grows by exactly the two layers' LBL; after the step only parameters upstream of the MoE routers moved
+    differently (the experts, the MoD router and predictor, ``ln_f`` got the same gradient: no clipping)."""
+    args = ("max_steps=1", "grad_accum=1", "optim.grad_clip=0", "model.gpt.moe.num_experts=4",
+            "model.gpt.moe.balance=micro", "model.gpt.mod.capacity=0.25", "model.gpt.mod.router_aux=predictor")
+    off, on = tmp_path / "off", tmp_path / "on"
+    train(_cfg(snapshot, off, *args, "model.gpt.moe.aux_coef=0"))
+    train(_cfg(snapshot, on, *args, "model.gpt.moe.aux_coef=1"))
+    (a,), (b,) = read_metrics(off / "metrics.jsonl"), read_metrics(on / "metrics.jsonl")
+    lbl = b["model/moe/0/lbl_micro"] + b["model/moe/1/lbl_micro"]
+    # the same forward; a near-uniform router at initialisation (p_i ~ 1/N_E) gives LBL ~ sum_i f_i = 1 per layer
+    assert a["model/moe/0/lbl_micro"] == b["model/moe/0/lbl_micro"] and lbl == pytest.approx(2.0, abs=0.1)
+    assert b["aux_loss"] - a["aux_loss"] == pytest.approx(lbl, rel=1e-5)
+    # the MoD predictor's BCE at initialisation (logits ~0): ln 2
+    assert a["aux_loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert sum(b[f"model/moe/0/load_{e}"] for e in range(4)) == pytest.approx(1.0)
+    wa, wb = _weights(off, "step_00000001"), _weights(on, "step_00000001")
+    moved = {name for name in wa if not torch.equal(wa[name], wb[name])}
+    assert {"h.0.mlp.router.weight", "h.1.block.mlp.router.weight"} <= moved
+    untouched = [n for n in wa if n.startswith(("h.1.block.mlp.experts.", "h.1.router", "h.1.predictor", "ln_f"))]
+    assert len(untouched) == 4 * 4 + 1 + 4 + 2 and not moved & set(untouched)
 
 
 @pytest.mark.slow
@@ -123,7 +141,7 @@ def test_cli_dry_run_and_config_errors(snapshot, tmp_path, capsys):
     assert cli_main(["train", str(cfg), "max_steps=7", "--dry-run"]) == 0
     assert "max_steps: 7" in capsys.readouterr().out
     assert cli_main(["train", str(cfg), "deepspeed.precision=fp16"]) == 2
-    assert "deepspeed.precision must be 'fp32' or 'bf16'" in capsys.readouterr().err
+    assert "deepspeed.precision: 'fp16' is not one of fp32, bf16" in capsys.readouterr().err
     assert cli_main(["train", str(cfg), "optim.lrate=1"]) == 2
     assert "lrate" in capsys.readouterr().err
 
