@@ -1,18 +1,31 @@
 """Structured omegaconf configs: load a YAML file, apply dotted overrides, validate against a dataclass.
 
-Every top-level config (``RunConfig`` here, the trainer's ``TrainConfig``) goes through :func:`load`, so
-unknown keys and wrong types fail the same way, before any work starts.
+Every top-level config (``RunConfig`` here, the trainer's ``TrainConfig``) goes through :func:`load`, and
+every stage's params through :func:`validate_params`, so unknown keys, wrong types, values outside a
+field's declared choices or range, and broken cross-field rules fail the same way, before any work starts.
+A dataclass field declares its allowed values in its metadata, checked by :func:`check_fields`::
+
+    on_invalid: str = field(default="error", metadata={"choices": ("error", "skip")})
+    top_p: float = field(default=0.1, metadata={"gt": 0, "le": 1})      # also "ge" and "lt"
+
+and a dataclass may define ``check(self)`` for rules across fields, raising ``ValueError``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+PART_CODECS = ("none", "zstd", "lz4", "snappy")  # Parquet codecs of the per-shard parts
+# metadata key -> (test the value must pass against the bound, how the message says it)
+BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 class ConfigError(ValueError):
@@ -32,22 +45,23 @@ class SourceConfig:
         on_invalid: ``error`` (one clear error, nothing published) or ``skip`` (counted in the manifest)
             for null text, non-UTF-8 text and documents over ``max_doc_chars``.
         max_doc_chars: longest document accepted.
-        fingerprint: ``sha256`` of every input file, or ``stat`` (size + mtime) for very large inputs.
+        fingerprint: how inputs are identified for the manifest and resume checks: ``stat`` (size + mtime)
+            or ``sha256`` of every input file's bytes.
         group_column: column whose values are counted in and out (kept share per domain in the report).
         read_num_cpus: CPUs per read task (when the first stage has ``compute: tasks``, the read runs inside
             its tasks and takes that stage's ``num_cpus``).
     """
 
     paths: list[str] = MISSING
-    format: str = "auto"
+    format: str = field(default="auto", metadata={"choices": ("auto", "parquet", "jsonl", "hf")})
     text_column: str = "text"
     id_column: str = "id"
     keep_columns: list[str] | None = None
-    on_invalid: str = "error"
-    max_doc_chars: int = 10_000_000
-    fingerprint: str = "sha256"
+    on_invalid: str = field(default="error", metadata={"choices": ("error", "skip")})
+    max_doc_chars: int = field(default=10_000_000, metadata={"gt": 0})
+    fingerprint: str = field(default="stat", metadata={"choices": ("stat", "sha256")})
     group_column: str | None = "domain"
-    read_num_cpus: float = 0.5
+    read_num_cpus: float = field(default=0.5, metadata={"gt": 0})
 
 
 @dataclass
@@ -68,11 +82,11 @@ class OutputConfig:
     """
 
     path: str = MISSING
-    rows_per_shard: int = 50_000
+    rows_per_shard: int = field(default=50_000, metadata={"gt": 0})
     drop_columns: list[str] = field(default_factory=lambda: ["embedding"])
     overwrite: bool = False
     report: bool = True
-    part_compression: str = "none"
+    part_compression: str = field(default="none", metadata={"choices": PART_CODECS})
 
 
 @dataclass
@@ -91,10 +105,28 @@ class RayConfig:
     """
 
     address: str | None = None
-    num_cpus: int | None = None
-    object_store_memory: int | None = 2_000_000_000
+    num_cpus: int | None = field(default=None, metadata={"gt": 0})
+    object_store_memory: int | None = field(default=2_000_000_000, metadata={"gt": 0})
     preserve_order: bool = True
-    target_block_mb: float = 16.0
+    target_block_mb: float = field(default=16.0, metadata={"gt": 0})
+
+
+@dataclass
+class StorageConfig:
+    """How URIs (``s3://``, ``gs://``, ``hdfs://``) are reached; the standard environment fills in the rest.
+
+    Credentials come from the environment as boto3 and pyarrow users expect (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, an instance role...), never from a config file.
+
+    Args:
+        endpoint_url: S3-compatible endpoint, e.g. ``http://127.0.0.1:9000`` (default ``$AWS_ENDPOINT_URL``).
+        region: S3 region (default ``$AWS_REGION``).
+        anonymous: read public buckets without credentials.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
 
 
 @dataclass
@@ -110,7 +142,14 @@ class RunConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     stages: list[Any] = field(default_factory=list)
     output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def check(self) -> None:
+        """Every stage entry names a registered stage with valid params and resources."""
+        from tokensift.pipeline.registry import resolve
+
+        resolve(self.stages)
 
 
 def load(schema: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -133,11 +172,13 @@ def load(schema: type, path: str | Path | None = None, overrides: list[str] | tu
             for o in overrides:  # update, not merge: keys may index lists (stages.1.top_p=0.2)
                 key, value = o.split("=", 1)
                 OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(f"{where}: required key(s) not set: {', '.join(missing)}")
+        _require_all_set(cfg, where)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"{where}: {_first_line(e)}") from None
+    try:
+        check_fields(cfg, schema)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 
@@ -149,15 +190,66 @@ def to_yaml(cfg: DictConfig) -> str:
 def check_choice(where: str, value: Any, choices: tuple) -> None:
     """A ``ConfigError`` naming the key ``where`` when ``value`` is not one of ``choices``."""
     if value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_fields(cfg: DictConfig, schema: type, where: str = "") -> None:
+    """Check ``cfg`` against the field metadata of the dataclass ``schema``, then its ``check`` hook.
+
+    Metadata ``choices`` (allowed values) and bounds ``ge``, ``gt``, ``le``, ``lt`` are checked; ``None``
+    (an unset optional field) passes, a list is checked item by item, a nested dataclass field recursively.
+
+    Args:
+        cfg: the merged config of ``schema``.
+        schema: the dataclass whose fields' metadata and ``check(self)`` (cross-field rules, raising
+            ``ValueError``) apply.
+        where: the key prefix for messages, e.g. ``source`` or ``stages[1] (score_threshold)``.
+    """
+    for f in dataclasses.fields(schema):
+        key = f"{where}.{f.name}" if where else f.name
+        value = cfg[f.name]
+        if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
+            check_fields(value, OmegaConf.get_type(value), key)
+        elif isinstance(value, ListConfig):
+            for i, item in enumerate(value):
+                _check_value(f"{key}[{i}]", item, f.metadata)
+        else:
+            _check_value(key, value, f.metadata)
+    if hasattr(schema, "check"):
+        try:
+            schema.check(cfg)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _check_value(key: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    if "choices" in meta:
+        check_choice(key, value, meta["choices"])
+    for name, (passes, sign) in BOUNDS.items():
+        if name in meta and not passes(value, meta[name]):
+            raise ConfigError(f"{key}: {value} is not {sign} {meta[name]}")
 
 
 def validate_params(params_cls: type, values: dict, where: str) -> Any:
-    """Validate one stage's parameters against its dataclass; returns a typed ``DictConfig``."""
+    """Validate one stage's parameters against its dataclass (types, metadata, ``check``); returns a typed
+    ``DictConfig``."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(params_cls), values)
+        params = OmegaConf.merge(OmegaConf.structured(params_cls), values)
+        _require_all_set(params, where)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {_first_line(e)}") from None
+    check_fields(params, params_cls, where)
+    return params
+
+
+def _require_all_set(cfg: DictConfig, where: str) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{where}: required key(s) not set: {', '.join(missing)}")
 
 
 def _first_line(e: Exception) -> str:

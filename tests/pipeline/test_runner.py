@@ -49,12 +49,13 @@ def test_run_writes_a_verified_snapshot_that_datasets_reads(ray_local, shards, t
     assert [s["file"] for s in manifest["shards"]] == [f"data/train-0000{i}-of-00002.parquet" for i in range(2)]
     assert [s["name"] for s in manifest["stages"]] == ["tokenize", "score_threshold"]
     assert manifest["stages"][1]["rows_in"] == 480 and manifest["stages"][1]["rows_out"] == 144
-    assert sum(i["rows_read"] for i in manifest["inputs"]) == 480 and all("sha256" in i for i in manifest["inputs"])
+    assert sum(i["rows_read"] for i in manifest["inputs"]) == 480
+    assert all(i["bytes"] > 0 and i["mtime_ns"] for i in manifest["inputs"])  # metadata, no read in the driver
     import datasets
 
     ds = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train")
     assert len(ds) == 144 and len(set(ds["id"])) == 144
-    assert sorted(ds["score_threshold_rank"]) == list(range(144))
+    assert "score_threshold_rank" not in ds.column_names  # a threshold keeps rows by score: sort by it
     assert all(len(ids) == n for ids, n in zip(ds["input_ids"], ds["n_tokens"], strict=True))
     # the kept set is exactly the top 30 % by n_tokens over all shards (ties by id)
     every = pa.concat_tables([pq.read_table(p) for p in sorted(shards.glob("*.parquet"))])
@@ -100,7 +101,7 @@ class NoParams:
     pass
 
 
-@register("test_select_unknown", kind="select", params=NoParams)
+@register("test_select_unknown", kind="select", params=NoParams)  # shipped by value to the select task (below)
 class SelectUnknown:
     """A broken select stage: keeps the first row and an id that is not in its input."""
 
@@ -116,6 +117,9 @@ class SelectUnknown:
 
 
 def test_select_stage_returning_an_unknown_id_fails_and_publishes_nothing(ray_local, shards, tmp_path):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import a test module
     with pytest.raises(RuntimeError, match=r"stages\[0\] \(test_select_unknown\) returned id\(s\) not in its input, e.g. 'no-such-id'"):
         runner.run(config(shards, tmp_path / "snap", "stages=[{stage: test_select_unknown}]"))
     assert not (tmp_path / "snap").exists()
@@ -153,11 +157,11 @@ def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = tmp_path / "resumed.partial" / "seg0"
     deadline = time.time() + 120
-    while len(list(parts.glob("part-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(list(parts.glob("shard-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(parts.glob("part-*.json")))
+    done_before = len(list(parts.glob("shard-*.json")))
     assert 3 <= done_before <= 6 and not out.exists()
     gate.unlink()
     resumed = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)

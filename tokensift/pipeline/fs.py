@@ -171,3 +171,19 @@ def uri_of(fs: pafs.FileSystem, inner: str, like: str) -> str:
     if not is_uri(like):
         return inner
     return f"{urlparse(like).scheme}://{inner}"
+
+
+def read_table(path: str, columns: list[str] | None = None, storage: Any = None):
+    """A Parquet file (or its ``columns``) as an Arrow table."""
+    import pyarrow.parquet as pq
+
+    filesystem, inner = resolve(path, storage)
+    return pq.read_table(inner, columns=columns, filesystem=filesystem)
+
+
+def parquet_file(path: str, storage: Any = None):
+    """A ``pq.ParquetFile`` over any filesystem (for metadata, row groups and batch iteration)."""
+    import pyarrow.parquet as pq
+
+    filesystem, inner = resolve(path, storage)
+    return pq.ParquetFile(filesystem.open_input_file(inner))

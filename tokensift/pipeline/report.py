@@ -14,51 +14,62 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from tokensift.pipeline import fs, schema
 from tokensift.pipeline import report_plots as plots
-from tokensift.pipeline import schema
 
 N_EXAMPLES = 3
 EXCERPT_CHARS = 200
 MAX_WEIGHT_TOKENS = 2_000_000  # token weights read for the distribution plot (documents in shard order)
 
 
-def write_report(snapshot_dir: Path, pool: list[Path] | None = None) -> Path:
+def write_report(snapshot_dir: str | Path, pool: list[str] | None = None, manifest: dict | None = None,
+                 storage=None) -> str:
     """Write ``<snapshot_dir>/report/`` (replacing an older one) and return the path of ``index.md``.
 
     Args:
-        snapshot_dir: a snapshot (``manifest.json`` + ``data/``).
+        snapshot_dir: a snapshot (``manifest.json`` + ``data/``), a local path or a URI.
         pool: optional parquet files holding every scored row before selection.
+        manifest: the snapshot's manifest when it is not written yet (a run writes it last, after the report).
+        storage: the run's storage options, for URIs.
     """
-    snap = Path(snapshot_dir)
-    path = snap / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {snap} a tokensift snapshot?")
-    manifest = json.loads(path.read_text())
-    shards = [snap / s["file"] for s in manifest.get("shards", [])]
-    missing = [str(p) for p in shards if not p.is_file()]
+    snap = str(snapshot_dir)
+    if manifest is None:
+        path = fs.join(snap, "manifest.json")
+        if not fs.is_file(path, storage):
+            raise FileNotFoundError(f"{path}: missing; is {snap} a tokensift snapshot?")
+        manifest = fs.read_json(path, storage)
+    shards = [fs.join(snap, s["file"]) for s in manifest.get("shards", [])]
+    missing = [p for p in shards if not fs.is_file(p, storage)]
     if missing:
         raise FileNotFoundError(f"{snap}: shard(s) listed in the manifest are missing: {missing}")
-    out = snap / "report"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        index = _write_sections(snap, manifest, shards, pool, out, storage)
+        target = fs.join(snap, "report")
+        fs.delete(target, storage)
+        for f in sorted(out.iterdir()):
+            fs.write_bytes(fs.join(target, f.name), f.read_bytes(), storage)
+    return fs.join(target, index.name)
+
+
+def _write_sections(snap: str, manifest: dict, shards: list[str], pool, out: Path, storage) -> Path:
     columns = manifest.get("columns") or {}
-    table = _scalars(shards, columns, manifest)
+    table = _scalars(shards, columns, manifest, storage)
     sections = [
         _run(manifest, snap),
         _stages(manifest, out),
         _groups(manifest, table, out),
-        _scores(manifest, table, out, pool),
-        _weights(shards, out) if schema.TOKEN_WEIGHTS in columns else "",
-        _examples(table, shards, columns),
+        _scores(manifest, table, out, pool, storage),
+        _weights(shards, out, storage) if schema.TOKEN_WEIGHTS in columns else "",
+        _examples(table, shards, columns, storage),
     ]
     index = out / "index.md"
     index.write_text("\n\n".join(s for s in sections if s) + "\n")
@@ -94,14 +105,14 @@ def _rank_columns(columns: dict) -> list[str]:
     return [c for c in columns if c.endswith("_rank")]
 
 
-def _scalars(shards: list[Path], columns: dict, manifest: dict) -> pa.Table:
+def _scalars(shards: list[str], columns: dict, manifest: dict, storage) -> pa.Table:
     """Id, group, score and rank columns of every kept row (small: one value per row each)."""
     wanted = [schema.ID, *_group_columns(manifest, columns), *_score_columns(manifest, columns),
               *_rank_columns(columns)]
     wanted = [c for c in dict.fromkeys(wanted) if c in columns or c == schema.ID]
     if not shards:
         return pa.table({c: pa.array([], pa.string()) for c in wanted})
-    return pa.concat_tables([pq.read_table(p, columns=wanted) for p in shards])
+    return pa.concat_tables([fs.read_table(p, wanted, storage) for p in shards])
 
 
 def _numbers(column: pa.ChunkedArray) -> np.ndarray:
@@ -112,14 +123,14 @@ def _numbers(column: pa.ChunkedArray) -> np.ndarray:
 # ---------------------------------------------------------------- sections
 
 
-def _run(manifest: dict, snap: Path) -> str:
+def _run(manifest: dict, snap: str) -> str:
     inputs = manifest.get("inputs", [])
     read = sum(i.get("rows_read", 0) for i in inputs)
     skipped = sum(sum((i.get("skipped") or {}).values()) for i in inputs)
     rows = manifest.get("rows", 0)
     kept = f"{rows:,} of {read:,} read ({_pct(rows, read)})" if read else f"{rows:,}"
     config = manifest.get("config") or {}
-    where = Path((config.get("output") or {}).get("path") or snap).name  # snap may be the unpublished dir
+    where = fs.name((config.get("output") or {}).get("path") or snap)  # snap may be the unpublished dir
     lines = [
         f"# tokensift report: {config.get('name', where)}",
         "",
@@ -184,7 +195,7 @@ def _groups(manifest: dict, table: pa.Table, out: Path) -> str:
     return "\n\n".join(parts)
 
 
-def _scores(manifest: dict, table: pa.Table, out: Path, pool: list[Path] | None) -> str:
+def _scores(manifest: dict, table: pa.Table, out: Path, pool: list[str] | None, storage) -> str:
     cols = [c for c in _score_columns(manifest, manifest.get("columns") or {}) if c in table.column_names]
     if not cols:
         return ""
@@ -192,7 +203,7 @@ def _scores(manifest: dict, table: pa.Table, out: Path, pool: list[Path] | None)
     parts = ["## Scores"]
     for col in cols:
         kept = _numbers(table.column(col))
-        everything = _pool_values(pool, col)
+        everything = _pool_values(pool, col, storage)
         plots.histogram(out / f"score_{col}.png", kept, col, everything, thresholds.get(col, []))
         q = np.quantile(kept, [0, 0.5, 1]) if kept.size else None
         line = f"### {col}\n\nkept: " + (
@@ -205,19 +216,19 @@ def _scores(manifest: dict, table: pa.Table, out: Path, pool: list[Path] | None)
     return "\n\n".join(parts)
 
 
-def _pool_values(pool: list[Path] | None, col: str) -> np.ndarray | None:
-    files = [p for p in pool or [] if col in pq.read_schema(p).names]
+def _pool_values(pool: list[str] | None, col: str, storage) -> np.ndarray | None:
+    files = [p for p in pool or [] if col in fs.parquet_file(p, storage).schema_arrow.names]
     if not files:
         return None
-    return _numbers(pa.concat_tables([pq.read_table(p, columns=[col]) for p in files]).column(col))
+    return _numbers(pa.concat_tables([fs.read_table(p, [col], storage) for p in files]).column(col))
 
 
-def _weights(shards: list[Path], out: Path) -> str:
+def _weights(shards: list[str], out: Path, storage) -> str:
     weights, means, n_docs, n_tokens = [], [], 0, 0
     for path in shards:
         if n_tokens >= MAX_WEIGHT_TOKENS:
             break
-        for batch in pq.ParquetFile(path).iter_batches(columns=[schema.TOKEN_WEIGHTS]):
+        for batch in fs.parquet_file(path, storage).iter_batches(columns=[schema.TOKEN_WEIGHTS]):
             col = batch.column(0)
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
             values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -245,7 +256,7 @@ def _weights(shards: list[Path], out: Path) -> str:
     return "\n".join(lines)
 
 
-def _examples(table: pa.Table, shards: list[Path], columns: dict) -> str:
+def _examples(table: pa.Table, shards: list[str], columns: dict, storage) -> str:
     """Highest/lowest rows of every score column and first/last picks of every rank column."""
     if not table.num_rows or schema.TEXT not in columns:
         return ""
@@ -260,7 +271,7 @@ def _examples(table: pa.Table, shards: list[Path], columns: dict) -> str:
             lists += [(col, "first picked", low), (col, "last picked", high)]
         else:
             lists += [(col, "highest", high), (col, "lowest", low)]
-    texts = _texts({ids[i] for _, _, rows in lists for i in rows}, shards)
+    texts = _texts({ids[i] for _, _, rows in lists for i in rows}, shards, storage)
     parts = [f"## Examples\n\nExcerpts: first {EXCERPT_CHARS} characters, whitespace collapsed."]
     for col, title, rows in lists:
         lines = [f"### {col}: {title}", "", f"| id | {col} | excerpt |", "| --- | ---: | --- |"]
@@ -270,12 +281,12 @@ def _examples(table: pa.Table, shards: list[Path], columns: dict) -> str:
     return "\n\n".join(parts)
 
 
-def _texts(wanted: set[str], shards: list[Path]) -> dict[str, str]:
+def _texts(wanted: set[str], shards: list[str], storage) -> dict[str, str]:
     """Excerpts of the wanted ids, streaming ``id``/``text`` batch by batch."""
     found: dict[str, str] = {}
     value_set = pa.array(sorted(wanted), pa.string())
     for path in shards:
-        for batch in pq.ParquetFile(path).iter_batches(columns=[schema.ID, schema.TEXT]):
+        for batch in fs.parquet_file(path, storage).iter_batches(columns=[schema.ID, schema.TEXT]):
             hit = batch.filter(pc.is_in(batch.column(0), value_set=value_set))
             for i, t in zip(hit.column(0).to_pylist(), hit.column(1).to_pylist(), strict=True):
                 found[i] = " ".join((t or "")[: EXCERPT_CHARS * 2].split())[:EXCERPT_CHARS]

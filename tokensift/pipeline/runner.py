@@ -2,7 +2,13 @@
 
 The embedded default starts a local Ray in this process; ``ray.address`` (or ``--address``) runs the very
 same job against a cluster. Everything the job needs is checked before any work starts: the config, the
-inputs (they exist, open, have the text column) and the column contract of every stage.
+inputs (they exist, open, have the text column), the output location and the column contract of every stage.
+
+The driver coordinates and the workers move the data: read tasks read the input shards, the last stage of
+each segment writes fragments to the work directory (``tokensift.pipeline.fragments``), select stages run
+in Ray tasks (``tokensift.pipeline.selection``), publish tasks write the snapshot files
+(``tokensift.pipeline.publish``). The driver handles the plan, one small record per fragment, the commit
+markers and the manifest: its work grows with the number of shards and fragments, never with rows.
 """
 
 from __future__ import annotations
@@ -10,42 +16,42 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from tokensift.config import ConfigError, check_choice, to_yaml
-from tokensift.pipeline import registry, schema, snapshot, sources
+from tokensift.config import ConfigError, to_yaml
+from tokensift.pipeline import fs, publish, registry, schema, sources
+from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink, tiling
 from tokensift.pipeline.registry import StageEntry
 from tokensift.pipeline.segments import (
-    TIME_PREFIX,
     add_map_stages,
-    keep_selected,
     read_cpus,
-    shard_datasource,
-    stream_to_parts,
+    read_kept_rows,
+    read_source_shard,
+    records,
+    shard_reads,
 )
-from tokensift.pipeline.workdir import CODECS, WorkDir, write_json, write_parquet
+from tokensift.pipeline.selection import Keep, keep_of, run_select
+from tokensift.pipeline.workdir import WorkDir
 
 log = logging.getLogger("tokensift")
+HEARTBEAT_SECONDS = 60
 
 
 def plan(cfg) -> tuple[list[StageEntry], list[sources.InputShard], list[str]]:
-    """Validate stages, inputs and the column contract; returns (stages, shards, source columns)."""
+    """Validate stages, inputs, output location and the column contract; returns (stages, shards, columns)."""
     entries = registry.resolve(cfg.stages)
-    shards = sources.expand(list(cfg.source.paths), cfg.source.format)
-    names = sources.check(shards[0], cfg.source.text_column)
+    storage = cfg.storage
+    shards = sources.expand(list(cfg.source.paths), cfg.source.format, storage)
+    names = sources.check(shards[0], cfg.source.text_column, storage)
     for shard in shards[1:]:
-        sources.check(shard, cfg.source.text_column)
-    check_choice("output.part_compression", cfg.output.part_compression, CODECS)
+        sources.check(shard, cfg.source.text_column, storage)
+    check_output(cfg, shards)
     keep = cfg.source.keep_columns
     columns = [schema.ID, schema.TEXT, schema.N_CHARS] + [
         c for c in (keep if keep is not None else names)
@@ -53,6 +59,27 @@ def plan(cfg) -> tuple[list[StageEntry], list[sources.InputShard], list[str]]:
     ]
     check_contract(entries, columns)
     return entries, shards, columns
+
+
+def check_output(cfg, shards: list[sources.InputShard]) -> None:
+    """The output location never is, contains or lies inside an input; ``overwrite`` replaces only a snapshot."""
+    out = cfg.output.path
+    inputs = [sources.base_of(p) for p in cfg.source.paths] + [s.path for s in shards]
+    for where in (out, f"{out.rstrip('/')}.partial"):
+        clash = next((i for i in inputs if fs.overlaps(where, i)), None)
+        if clash is not None:
+            raise ConfigError(
+                f"output.path {out!r}: {where} overlaps the input {clash!r}; write the snapshot somewhere "
+                "that is not, does not contain and is not inside an input"
+            )
+    if fs.exists(out, cfg.storage):
+        if not cfg.output.overwrite:
+            raise FileExistsError(f"{out} exists; set output.overwrite=true to replace it")
+        if not fs.is_file(fs.join(out, publish.MANIFEST), cfg.storage):
+            raise FileExistsError(
+                f"{out} exists and is not a tokensift snapshot (no {publish.MANIFEST}); output.overwrite replaces "
+                "only a previous snapshot, so remove it yourself or choose another output.path"
+            )
 
 
 def check_contract(entries: list[StageEntry], columns: list[str]) -> None:
@@ -67,59 +94,192 @@ def check_contract(entries: list[StageEntry], columns: list[str]) -> None:
             )
         for c in e.spec.adds(e.params):
             have[c] = e.label
-        if e.spec.kind == "select":
+        if e.spec.kind == "select" and getattr(e.spec.cls, "ranked", True):
             have[schema.rank_column(e.spec.name)] = e.label
 
 
-def run(cfg, restart: bool = False) -> Path:
-    """Run ``cfg`` (a ``RunConfig``) and return the published snapshot directory."""
+def run(cfg, restart: bool = False) -> Path | str:
+    """Run ``cfg`` (a ``RunConfig``) and return the published snapshot (a ``Path``, or the URI)."""
     started = time.time()
     entries, shards, _ = plan(cfg)
-    out = Path(cfg.output.path).expanduser().resolve()
-    if out.exists() and not cfg.output.overwrite:
-        raise FileExistsError(f"{out} exists; set output.overwrite=true to replace it")
-    inputs = _on_threads(lambda s: sources.fingerprint(s, cfg.source.fingerprint), shards, "fingerprint inputs", "file")
-    config_yaml = to_yaml(cfg)
-    fingerprint = _fingerprint(cfg, inputs)
-    work = WorkDir(out, fingerprint, cfg.output.part_compression, restart=restart)
-    if work.resumed:
-        log.warning("resuming the interrupted run in %s", work.root)
+    storage = OmegaConf.to_object(cfg.storage)
+    out = cfg.output.path if fs.is_uri(cfg.output.path) else str(Path(cfg.output.path).expanduser().resolve())
+    inputs = [sources.fingerprint(s, storage) for s in tqdm(shards, desc="inputs", unit="file", disable=len(shards) < 100)]
+    work = WorkDir(out, _digest(inputs), storage, restart=restart)
+    try:
+        from tokensift.pipeline.ray_env import ensure_ray
 
-    from tokensift.pipeline.ray_env import ensure_ray
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+        import ray.data
 
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-    import ray.data
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = False  # fragments carry their rows' positions
+        context.target_max_block_size = int(cfg.ray.target_block_mb * 2**20)
+        segments = _split(entries)
+        if work.keep_segments(_segment_fingerprints(cfg, segments)) and work.markers(0):
+            log.warning("resuming the interrupted run in %s", work.root)
+        job = _Job(cfg, work, storage, shards)
+        stage_reports, keep = [], None
+        for seg, (maps, select) in enumerate(segments):
+            markers = job.segment(seg, maps, keep)
+            stage_reports += _map_reports(maps, markers)
+            if select is not None:
+                report, keep = job.select(seg, select, markers)
+                stage_reports.append(report)
+        result = job.publish(segments, inputs, stage_reports, entries, started)
+    except Exception as e:  # Ray wraps stage and source errors; surface the original one
+        raise _unwrap(e) from None
+    finally:
+        work.unlock()
+    return result
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = cfg.ray.preserve_order
-    context.target_max_block_size = int(cfg.ray.target_block_mb * 2**20)
 
-    stage_reports: list[dict] = []
-    source_stats: dict[int, dict] = {}
-    segments = _split(entries)
-    for seg, (maps, select) in enumerate(segments):
-        reports, stats = _run_segment(seg, maps, shards, cfg, work, segments)
-        stage_reports += reports
-        source_stats.update(stats)
-        if select is not None:
-            stage_reports.append(_run_select(seg, select, shards, work))
+class _Job:
+    """The driver's side of one run: segments, selections and publishing over a work directory."""
 
-    final = work.final()
-    parts = [work.part(len(segments) - 1, s.index) for s in shards]
-    manifest = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "config_yaml": config_yaml,
-        "config_fingerprint": fingerprint,
-        "inputs": [dict(fp, **source_stats.get(s.index, {})) for s, fp in zip(shards, inputs, strict=True)],
-        "stages": stage_reports,
-        "tokenizer": _tokenizer(entries),
-        "seconds": round(time.time() - started, 3),
-    }
-    pool = [work.part(len(segments) - 2, s.index) for s in shards] if len(segments) > 1 else []
-    exists = [p for p in parts if p.is_file()]
-    snapshot.write(final, exists, manifest, cfg.output, pool=[p for p in pool if p.is_file()])
-    work.publish(final, cfg.output.overwrite)
-    return out
+    def __init__(self, cfg, work: WorkDir, storage, shards: list[sources.InputShard]):
+        self.cfg, self.work, self.storage, self.shards = cfg, work, storage, shards
+
+    def segment(self, seg: int, maps: list[StageEntry], keep: Keep | None) -> dict[int, dict]:
+        """Run segment ``seg`` over its uncommitted shards; returns every shard's marker."""
+        import ray.data
+
+        done = self.work.markers(seg)
+        pending = [s.index for s in self.shards if s.index not in done]
+        if not pending:
+            return done
+        self.work.drop_uncommitted(seg, pending)
+        segment, src = self.work.segment(seg), self.cfg.source
+        if seg == 0:
+            by_index = {s.index: s for s in self.shards}
+            hashes = src.fingerprint == "sha256"
+            reads = [(partial(read_source_shard, by_index[i], src, segment, self.storage, hashes), by_index[i].path)
+                     for i in pending]
+        else:
+            previous = self.work.markers(seg - 1)
+            reads = [(partial(read_kept_rows, i, self._files(seg - 1, i, previous[i]), keep, segment, self.storage),
+                      self.work.shard_dir(seg - 1, i)) for i in pending]
+        cpus = read_cpus(maps, src.read_num_cpus)
+        ds = ray.data.read_datasource(shard_reads(reads), override_num_blocks=len(reads), num_cpus=cpus)
+        ds = add_map_stages(ds, maps, FragmentSink(segment, self.storage, self.cfg.output.part_compression), cpus)
+        self._commit_stream(seg, ds, pending, done)
+        return done
+
+    def _commit_stream(self, seg: int, ds, pending: list[int], done: dict[int, dict]) -> None:
+        """Commit each shard as soon as its fragments tile its rows (the marker is the commit)."""
+        fragments: dict[int, list[dict]] = {i: [] for i in pending}
+        beat = time.time()
+        with tqdm(total=len(pending), desc=f"segment {seg}", unit="shard") as bar:
+            for record in records(ds):
+                fragments[record["shard"]].append(record)
+                if self._try_commit(seg, record["shard"], fragments, done):
+                    bar.update(1)
+                if time.time() - beat > HEARTBEAT_SECONDS:
+                    self.work.heartbeat()
+                    beat = time.time()
+            for shard in [i for i in pending if i not in done]:  # shards that produced no rows
+                if not self._try_commit(seg, shard, fragments, done):
+                    raise RuntimeError(f"segment {seg}: shard {shard} ended with rows missing from its fragments")
+                bar.update(1)
+
+    def _try_commit(self, seg: int, shard: int, fragments: dict[int, list[dict]], done: dict[int, dict]) -> bool:
+        if shard in done:
+            return False
+        source = fs.read_json(fs.join(self.work.shard_dir(seg, shard), "source.json"), self.storage)
+        tiles = tiling(fragments[shard], source.pop("rows"))
+        if tiles is None:
+            return False
+        seconds: dict[str, float] = {}
+        for f in tiles:
+            for col, s in json.loads(f["seconds"]).items():
+                seconds[col] = seconds.get(col, 0.0) + s
+        marker = {
+            "rows": sum(f["rows"] for f in tiles),
+            "fragments": [{k: f[k] for k in ("file", "first", "rows", "bytes", "sha256")} for f in tiles],
+            "seconds": seconds,
+            "source": source,
+        }
+        fs.write_json(self.work.marker_path(seg, shard), marker, self.storage)
+        done[shard] = marker
+        return True
+
+    def _files(self, seg: int, shard: int, marker: dict) -> list[str]:
+        return [fs.join(self.work.shard_dir(seg, shard), f["file"]) for f in marker["fragments"]]
+
+    def select(self, seg: int, e: StageEntry, markers: dict[int, dict]) -> tuple[dict, Keep]:
+        """Run select stage ``e`` over segment ``seg`` (or take its recorded result when resuming)."""
+        path, report_path = self.work.selection_path(seg), self.work.selection_report(seg)
+        ranked = schema.rank_column(e.spec.name) if getattr(e.spec.cls, "ranked", True) else None
+        if fs.is_file(report_path, self.storage):
+            report = fs.read_json(report_path, self.storage)
+            return report, keep_of(path, ranked, report.pop("rule", None), self.storage)
+        files = [self._files(seg, s.index, markers[s.index]) for s in self.shards]
+        result, keep = run_select(e, files, path, self.storage)
+        report = {"index": e.index, "name": e.spec.name, "kind": "select",
+                  "params": OmegaConf.to_container(e.params), **result}
+        fs.write_json(report_path, dict(report, rule=keep.rule), self.storage)
+        return report, keep
+
+    def publish(self, segments, inputs: list[dict], stage_reports: list[dict], entries, started: float) -> Path | str:
+        """Publish tasks write the data files; the driver writes the manifest last; local outputs are renamed."""
+        last = len(segments) - 1
+        markers = self.work.markers(last)
+        fragments = [(f, m["rows"]) for s in self.shards for f, m in
+                     zip(self._files(last, s.index, markers[s.index]), markers[s.index]["fragments"], strict=True)]
+        out, local = self.work.out, fs.is_local(self.work.out)
+        root = self.work.path("final") if local else out
+        fs.delete(root, self.storage) if local else _unpublish(out, self.storage)
+        shards, target = publish.publish_data(fragments, root, self.cfg.output, self.storage)
+        seg0 = self.work.markers(0)
+        run_info = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config_yaml": to_yaml(self.cfg),
+            "inputs": [dict(fp, **seg0[s.index].get("source", {})) for s, fp in zip(self.shards, inputs, strict=True)],
+            "stages": stage_reports,
+            "tokenizer": _tokenizer(entries),
+            "seconds": round(time.time() - started, 3),
+        }
+        manifest = publish.manifest(run_info, shards, target)
+        if self.cfg.output.report:
+            pool = [f for s in self.shards for f in self._files(last - 1, s.index, self.work.markers(last - 1)[s.index])] if last else None
+            _report(root, manifest, pool, self.storage)
+        fs.write_json(fs.join(root, publish.MANIFEST), manifest, self.storage)
+        if not local:
+            fs.delete(self.work.root, self.storage)
+            return out
+        old = self.work.path("old")
+        if fs.exists(out):
+            Path(out).rename(old)
+        Path(root).rename(out)
+        fs.delete(self.work.root)
+        return Path(out)
+
+
+def _unpublish(out: str, storage) -> None:
+    """Before an object-store snapshot is replaced: its manifest first (readers stop trusting it), then its files."""
+    fs.delete(fs.join(out, publish.MANIFEST), storage)
+    fs.delete(out, storage)
+
+
+def _report(root: str, manifest: dict, pool: list[str] | None, storage) -> None:
+    """The human report, written by a Ray task."""
+    import ray
+
+    from tokensift.pipeline.report import write_report
+
+    ray.get(ray.remote(write_report).options(num_cpus=1).remote(root, pool, manifest, storage))
+
+
+def _map_reports(maps: list[StageEntry], markers: dict[int, dict]) -> list[dict]:
+    rows = sum(m["rows"] for m in markers.values())
+    return [
+        {
+            "index": e.index, "name": e.spec.name, "kind": "map", "params": OmegaConf.to_container(e.params),
+            "rows_in": rows, "rows_out": rows,
+            "seconds": round(sum(m["seconds"].get(f"{TIME_PREFIX}{e.index}", 0.0) for m in markers.values()), 3),
+        }
+        for e in maps
+    ]
 
 
 def _split(entries: list[StageEntry]) -> list[tuple[list[StageEntry], StageEntry | None]]:
@@ -135,146 +295,20 @@ def _split(entries: list[StageEntry]) -> list[tuple[list[StageEntry], StageEntry
     return segments
 
 
-def _run_segment(seg, maps, shards, cfg, work: WorkDir, segments) -> tuple[list[dict], dict]:
-    pending = [s.index for s in shards if work.marker(seg, s.index) is None]
-    if pending and seg > 0 and not maps:
-        _filter_parts(seg, pending, segments[seg - 1][1], work)  # a trailing select needs no Ray pass
-    elif pending:
-        _stream_segment(seg, maps, pending, shards, cfg, work, segments)
-    markers = [work.marker(seg, s.index) for s in shards]
-    rows = sum(m["rows"] for m in markers)
-    reports = [
-        {
-            "index": e.index,
-            "name": e.spec.name,
-            "kind": "map",
-            "params": OmegaConf.to_container(e.params),
-            "rows_in": rows,
-            "rows_out": rows,
-            "seconds": round(sum(m.get("seconds", {}).get(f"{TIME_PREFIX}{e.index}", 0.0) for m in markers), 3),
-        }
-        for e in maps
-    ]
-    stats = {s.index: m["source"] for s, m in zip(shards, markers, strict=True) if "source" in m}
-    return reports, stats
+def _segment_fingerprints(cfg, segments) -> list[str]:
+    """Segment k's config: the source and every stage that shapes its fragments (not its own select stage)."""
+    source = OmegaConf.to_container(cfg.source, resolve=True)
+    stages = OmegaConf.to_container(cfg.stages, resolve=True)
+    out, upto = [], 0
+    for maps, select in segments:
+        upto += len(maps)
+        out.append(_digest([source, stages[:upto]]))
+        upto += select is not None
+    return out
 
 
-def _kept_ids(seg: int, work: WorkDir) -> pa.Array:
-    return pq.read_table(work.selection_path(seg), columns=[schema.ID]).column(schema.ID).combine_chunks()
-
-
-def _filter_parts(seg: int, pending: list[int], select: StageEntry, work: WorkDir) -> None:
-    """Apply select stage ``seg - 1`` to the previous segment's parts, shard by shard, in this process."""
-    kept, rank = _kept_ids(seg - 1, work), schema.rank_column(select.spec.name)
-
-    def one(shard: int) -> None:
-        prev = work.part(seg - 1, shard)
-        table = keep_selected(pq.read_table(prev), kept, rank) if prev.is_file() else None
-        _write_part(work, seg, shard, table if table is not None and table.num_rows else None)
-
-    _on_threads(one, pending, f"segment {seg}", "shard")
-
-
-def _on_threads(fn, items: list, desc: str, unit: str) -> list:
-    """``[fn(x) for x in items]`` on one thread per CPU, with a progress bar (hashing and Parquet I/O release the GIL)."""
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit))
-
-
-def _stream_segment(seg, maps, pending, shards, cfg, work: WorkDir, segments) -> None:
-    """Read (source, or selected rows of the previous parts), run the map stages, cut into parts."""
-    import ray
-    import ray.data
-
-    from tokensift.pipeline.ledger import Ledger
-
-    ledger = Ledger.remote() if seg == 0 else None
-    if seg == 0:
-        wanted = set(pending)
-        todo = [s for s in shards if s.index in wanted]
-        ds = ray.data.read_datasource(
-            shard_datasource(todo, cfg.source, ledger),
-            override_num_blocks=max(len(todo), 1),
-            num_cpus=read_cpus(maps, cfg.source.read_num_cpus),
-        )
-    else:
-        select = segments[seg - 1][1]
-        paths = [str(work.part(seg - 1, i)) for i in pending if work.part(seg - 1, i).is_file()]
-        ds = ray.data.read_parquet(paths) if paths else ray.data.from_items([])
-        ds = ds.map_batches(
-            keep_selected,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs={"kept_ids": _kept_ids(seg - 1, work), "rank_column": schema.rank_column(select.spec.name)},
-        )
-    ds = add_map_stages(ds, maps)
-
-    def write_part(shard: int, table: pa.Table | None):
-        source = ray.get(ledger.get.remote(shard)) if ledger is not None else None
-        _write_part(work, seg, shard, table, source)
-
-    try:
-        stream_to_parts(ds, pending, write_part, desc=f"segment {seg}")
-    except Exception as e:  # Ray wraps stage and source errors; surface the original one
-        raise _unwrap(e) from None
-
-
-def _write_part(work: WorkDir, seg: int, shard: int, table: pa.Table | None, source: dict | None = None) -> None:
-    """A shard's part and its completion marker (rows, stage seconds, source statistics)."""
-    info: dict = {"rows": 0 if table is None else table.num_rows}
-    if source is not None:
-        info["source"] = source
-    if table is None:
-        work.part(seg, shard).parent.mkdir(parents=True, exist_ok=True)
-        write_json(work.part(seg, shard).with_suffix(".json"), info)
-        return
-    info["seconds"] = {c: pc.sum(table.column(c)).as_py() for c in table.column_names if c.startswith(TIME_PREFIX)}
-    work.write_part(seg, shard, table, info)
-
-
-def _run_select(seg: int, e: StageEntry, shards, work: WorkDir) -> dict:
-    """Gather the select stage's columns from every part, select, record ids + rank."""
-    path = work.selection_path(seg)
-    info_path = path.with_suffix(".json")
-    if info_path.is_file():
-        return json.loads(info_path.read_text())
-    columns = [schema.ID] + [c for c in e.spec.needs(e.params) if c != schema.ID]
-    parts = [work.part(seg, s.index) for s in shards if work.part(seg, s.index).is_file()]
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in parts]) if parts else None
-    start = time.perf_counter()
-    stage = e.spec.cls(OmegaConf.to_object(e.params))
-    selection = stage.select(table) if table is not None else None
-    seconds = time.perf_counter() - start
-    ids = selection.ids if selection else []
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{e.label} returned an id more than once")
-    if table is not None and ids:
-        known = pc.is_in(pa.array(ids, pa.string()), value_set=table.column(schema.ID).combine_chunks())
-        if not pc.all(known).as_py():
-            raise RuntimeError(f"{e.label} returned id(s) not in its input, e.g. {ids[pc.index(known, False).as_py()]!r}")
-    scores = selection.scores if selection and selection.scores is not None else [None] * len(ids)
-    write_parquet(path, pa.table({schema.ID: pa.array(ids, pa.string()), "score": pa.array(scores, pa.float64())}))
-    report = {
-        "index": e.index,
-        "name": e.spec.name,
-        "kind": "select",
-        "params": OmegaConf.to_container(e.params),
-        "rows_in": 0 if table is None else table.num_rows,
-        "rows_out": len(ids),
-        "seconds": round(seconds, 3),
-        "stats": selection.stats if selection else {},
-    }
-    write_json(info_path, report)
-    return report
-
-
-def _fingerprint(cfg, inputs: list[dict]) -> str:
-    """What a resumed run must share with the interrupted one: config (less overwrite, part codec) and inputs."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    c["output"].pop("overwrite", None)
-    c["output"].pop("part_compression", None)
-    c.pop("ray", None)
-    return hashlib.sha256(json.dumps([c, inputs], sort_keys=True, default=str).encode()).hexdigest()
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _tokenizer(entries: list[StageEntry]) -> dict | None:
@@ -289,6 +323,10 @@ def _unwrap(e: BaseException) -> BaseException:
 
     Ray ships a remote error to the driver as text; its first ``pkg.Class: message`` line is the original.
     """
+    import sys
+
+    if "ray" not in sys.modules:
+        return e
     import ray.exceptions
 
     if not isinstance(e, ray.exceptions.RayError):

@@ -8,19 +8,18 @@ Every problem is one :class:`SourceError` naming the file, and the row and colum
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import io
 import json
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tokensift.pipeline import schema
+from tokensift.pipeline import fs, schema
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
 
@@ -39,43 +38,103 @@ class InputShard:
     key: str
 
 
-def expand(paths: list[str], fmt: str = "auto") -> list[InputShard]:
-    """Expand files, directories and globs into sorted shards; missing or empty inputs are errors."""
+def expand(paths: list[str], fmt: str = "auto", storage=None) -> list[InputShard]:
+    """Expand files, directories and globs (local or URIs) into sorted shards; missing or empty inputs are errors."""
     shards: list[InputShard] = []
     for i, spec in enumerate(paths):
-        found = _expand_one(spec, fmt)
+        found = _expand_one(str(spec), fmt, storage)
         if not found:
             raise SourceError(f"source.paths[{i}]: nothing matches {spec!r}")
-        for path, kind, key in found:
-            if os.path.getsize(path) == 0:
+        for path, kind, key, size in found:
+            if size == 0:
                 raise SourceError(f"{path}: file is empty")
             shards.append(InputShard(len(shards), path, kind, key))
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for s in shards:
         if s.path in seen:
             raise SourceError(f"{s.path}: listed twice in source.paths; its rows would be duplicated")
-        seen[s.path] = s.key
+        seen.add(s.path)
     return shards
 
 
-def _expand_one(spec: str, fmt: str) -> list[tuple[str, str, str]]:
+def base_of(spec: str) -> str:
+    """The location an input spec reads from: a glob's directory before its first wildcard, else itself."""
+    spec = str(spec)
+    if not glob.has_magic(spec):
+        return spec
+    head = re.split(r"[*?\[]", spec, maxsplit=1)[0]
+    return head.rsplit("/", 1)[0] if "/" in head else "."
+
+
+def _expand_one(spec: str, fmt: str, storage) -> list[tuple[str, str, str, int]]:
+    """``(path, format, key, size)`` of every input file ``spec`` names."""
     if glob.has_magic(spec):
-        base = Path(os.path.dirname(spec.split("*")[0].split("?")[0].split("[")[0]) or ".")
-        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        return [(p, _format_of(p, fmt), str(Path(p).relative_to(base))) for p in files if _format_of(p, fmt)]
-    path = Path(spec)
-    if not path.exists():
+        base = base_of(spec)
+        pattern = _glob_regex(spec[len(base):].lstrip("/"))
+        return [
+            (path, _format_of(path, fmt), key, e.size)
+            for path, key, e in _files_under(base, storage)
+            if pattern.fullmatch(key) and _format_of(path, fmt)
+        ]
+    info = fs.info(spec, storage)
+    if info.type == pafs.FileType.NotFound:
         raise SourceError(f"{spec}: no such file or directory")
-    if path.is_file():
-        kind = _format_of(str(path), fmt)
+    if info.type == pafs.FileType.File:
+        kind = _format_of(spec, fmt)
         if not kind:
             raise SourceError(f"{spec}: unknown format (use .parquet, .jsonl[.gz|.zst] or set source.format)")
-        return [(str(path), kind, path.name)]
-    if (path / "state.json").is_file() and fmt in ("auto", "hf"):
-        state = json.loads((path / "state.json").read_text())
-        return [(str(path / f["filename"]), "hf", f"{path.name}/{f['filename']}") for f in state["_data_files"]]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _format_of(str(p), fmt))
-    return [(str(p), _format_of(str(p), fmt), str(p.relative_to(path))) for p in files]
+        return [(_canonical(spec), kind, fs.name(spec), info.size)]
+    state = fs.join(spec, "state.json")
+    if fmt in ("auto", "hf") and fs.is_file(state, storage):
+        files = fs.read_json(state, storage)["_data_files"]
+        return [
+            (_canonical(fs.join(spec, f["filename"])), "hf", f"{fs.name(spec)}/{f['filename']}",
+             fs.info(fs.join(spec, f["filename"]), storage).size)
+            for f in files
+        ]
+    return [(path, _format_of(path, fmt), key, e.size) for path, key, e in _files_under(spec, storage) if _format_of(path, fmt)]
+
+
+def _files_under(base: str, storage) -> list[tuple[str, str, pafs.FileInfo]]:
+    """Files below ``base``, sorted: ``(path or URI, path relative to base, info)``."""
+    filesystem, inner = fs.resolve(base, storage)
+    out = []
+    for e in fs.listdir(base, storage, recursive=True):
+        if e.type == pafs.FileType.File:
+            key = e.path[len(inner):].lstrip("/")
+            out.append((_canonical(fs.join(base, key)), key, e))
+    return sorted(out)
+
+
+def _canonical(path: str) -> str:
+    return path if fs.is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob (``*``, ``?``, ``[...]``, ``**`` for any depth) as a regex over ``/``-separated relative paths."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def _format_of(path: str, fmt: str) -> str | None:
@@ -90,29 +149,39 @@ def _format_of(path: str, fmt: str) -> str | None:
     return None
 
 
-def fingerprint(shard: InputShard, how: str = "sha256") -> dict:
-    """Identity of an input file for the manifest and for resume checks."""
-    st = os.stat(shard.path)
-    out = {"path": shard.path, "format": shard.format, "bytes": st.st_size}
-    if how == "sha256":
-        with open(shard.path, "rb") as f:
-            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-    else:
-        out["mtime_ns"] = st.st_mtime_ns
-    return out
+def fingerprint(shard: InputShard, storage=None) -> dict:
+    """Identity of an input file from the filesystem's metadata (size and modification time), no read.
+
+    Content hashes, when ``source.fingerprint=sha256``, are computed by the read tasks
+    (:func:`content_sha256`) and recorded in the shard markers.
+    """
+    info = fs.info(shard.path, storage)
+    mtime = info.mtime_ns if info.mtime_ns is not None else None
+    return {"path": shard.path, "format": shard.format, "bytes": info.size, "mtime_ns": mtime}
 
 
-def check(shard: InputShard, text_column: str) -> list[str]:
+def content_sha256(shard: InputShard, storage=None) -> str:
+    """sha256 of an input file's bytes, streamed."""
+    filesystem, inner = fs.resolve(shard.path, storage)
+    h = hashlib.sha256()
+    with filesystem.open_input_stream(inner) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check(shard: InputShard, text_column: str, storage=None) -> list[str]:
     """Cheap pre-flight: the file opens and has ``text_column``. Returns the file's column names."""
     try:
         if shard.format == "parquet":
-            names = pq.ParquetFile(shard.path).schema_arrow.names
+            with _open_file(shard, storage) as f:
+                names = pq.ParquetFile(f).schema_arrow.names
         elif shard.format == "hf":
-            with pa.memory_map(shard.path) as f:
+            with _open_file(shard, storage) as f:
                 names = pa.ipc.open_stream(f).schema.names
         else:
-            with _open_binary(shard.path) as f:
-                first = f.readline()
+            with _open_stream(shard, storage) as f:
+                first = next(_lines(f), b"")
             names = list(_parse_json_line(first, shard.path, 1))
     except SourceError:
         raise
@@ -123,10 +192,10 @@ def check(shard: InputShard, text_column: str) -> list[str]:
     return names
 
 
-def read(shard: InputShard, text_column: str, id_column: str) -> pa.Table:
+def read(shard: InputShard, text_column: str, id_column: str, storage=None) -> pa.Table:
     """The shard as a table with ``id`` (given or ``<key>:<row>``), ``text`` and the file's other columns."""
     try:
-        table = _read_raw(shard)
+        table = _read_raw(shard, storage)
     except SourceError:
         raise
     except Exception as e:
@@ -148,15 +217,50 @@ def read(shard: InputShard, text_column: str, id_column: str) -> pa.Table:
     )
 
 
-def _read_raw(shard: InputShard) -> pa.Table:
+def check_unique_ids(table: pa.Table, shard: InputShard) -> None:
+    """A ``SourceError`` naming the id and both rows when an id repeats inside one shard."""
+    ids = table.column(schema.ID)
+    if pc.count_distinct(ids).as_py() == table.num_rows:
+        return
+    first: dict[str, int] = {}
+    for row, value in enumerate(ids.to_pylist()):
+        if value in first:
+            raise SourceError(f"{shard.path}: rows {first[value]} and {row}: duplicate id {value!r} (column 'id')")
+        first[value] = row
+
+
+def _open_file(shard: InputShard, storage):
+    filesystem, inner = fs.resolve(shard.path, storage)
+    return filesystem.open_input_file(inner)
+
+
+def _open_stream(shard: InputShard, storage):
+    """A binary stream of a JSONL file, decompressed by suffix (``.gz``, ``.zst``)."""
+    filesystem, inner = fs.resolve(shard.path, storage)
+    codec = "gzip" if inner.endswith(".gz") else "zstd" if inner.endswith(".zst") else None
+    return filesystem.open_input_stream(inner, compression=codec)
+
+
+def _lines(stream):
+    """The lines of a binary stream, read in 4 MiB chunks (without their newline)."""
+    rest = b""
+    while chunk := stream.read(1 << 22):
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _read_raw(shard: InputShard, storage) -> pa.Table:
     if shard.format == "parquet":
-        return pq.read_table(shard.path)
+        with _open_file(shard, storage) as f:
+            return pq.read_table(f)
     if shard.format == "hf":
-        with pa.memory_map(shard.path) as f:
+        with _open_file(shard, storage) as f:
             return pa.ipc.open_stream(f).read_all()
     rows = []
-    with _open_binary(shard.path) as f:
-        for line_no, line in enumerate(f, start=1):
+    with _open_stream(shard, storage) as f:
+        for line_no, line in enumerate(_lines(f), start=1):
             if line.strip():
                 rows.append(_parse_json_line(line, shard.path, line_no))
     if not rows:
@@ -192,16 +296,6 @@ def _as_utf8(column: pa.ChunkedArray, shard: InputShard, name: str) -> pa.Chunke
         except UnicodeDecodeError as e:
             raise SourceError(f"{shard.path}: row {row}: column {name!r} is not valid UTF-8 at byte {e.start}") from None
     return pa.chunked_array([pa.array(out, pa.string())])
-
-
-def _open_binary(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
 
 
 def validate(table: pa.Table, shard: InputShard, on_invalid: str, max_doc_chars: int) -> tuple[pa.Table, dict]:

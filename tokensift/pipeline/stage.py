@@ -32,6 +32,8 @@ class Resources:
         num_gpus: GPUs per actor or task (0 on CPU machines).
         concurrency: actors in the pool (``actors`` only).
         batch_size: rows per call of the stage.
+        memory: bytes of memory to reserve per actor or task (select stages gather columns: size it to them);
+            ``None`` reserves nothing.
     """
 
     compute: str = "actors"
@@ -39,6 +41,7 @@ class Resources:
     num_gpus: float = 0.0
     concurrency: int = 1
     batch_size: int = 256
+    memory: int | None = None
 
 
 @runtime_checkable

@@ -1,96 +1,163 @@
-"""The temporary sibling directory of a run: per-shard parts, completion markers, selections.
+"""The work directory of a run, ``<out>.partial`` beside the output, on any filesystem.
 
-Layout of ``<out>.partial/``::
+Layout::
 
-    run.json                      config fingerprint (a resume must match it)
-    seg0/part-00003.parquet       rows of input shard 3 after the map stages of segment 0
-    seg0/part-00003.json          its completion marker: rows, stage seconds, source statistics
-    select0.parquet / .json       ids kept by the first select stage, their rank, and its statistics
-    final/                        the snapshot being assembled, renamed to ``<out>`` when complete
+    run.json                               inputs fingerprint (a resume must match it)
+    lock.json                              the run holding this output location (one at a time)
+    seg0/fingerprint.json                  the config that segment 0's parts were made with
+    seg0/shard-00003/source.json           written by shard 3's read task: rows, skipped, groups, sha256
+    seg0/shard-00003/rows-<first>-<n>.parquet   a fragment: rows [first, first+n) of shard 3, written by
+                                           the worker that ran the segment's last stage on them
+    seg0/shard-00003.json                  the commit marker: the fragments that tile the shard, rows,
+                                           stage seconds, source statistics
+    select0.parquet / select0.json         what select stage 0 kept, and its report
+    final/                                 (local outputs) the snapshot being assembled
 
-Every file is written to a temporary name and renamed, so a marker exists only for a complete part.
+A marker exists only for a complete shard, and only what a marker lists is ever read: fragments of a retried
+or duplicated task that no marker lists are garbage that the next run removes. Workers write the fragments
+and the source records; the driver writes only the small JSON files (run, lock, fingerprints, markers).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from pathlib import Path
+import socket
+import time
+import uuid
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from tokensift.pipeline import fs
 
-ROW_GROUP = 8192  # rows per Parquet row group of parts: reading a part back decodes its groups in parallel
-CODECS = ("none", "zstd", "lz4", "snappy")  # for parts (output.part_compression)
+STALE_LOCK_SECONDS = 600  # a lock of another host not refreshed for this long is taken over
+
+
+class LockedError(RuntimeError):
+    """Another run holds the output location."""
 
 
 class WorkDir:
-    def __init__(self, out: Path, fingerprint: str, compression: str, restart: bool = False):
-        self.out, self.compression = out, compression
-        self.root = out.with_name(out.name + ".partial")
-        if restart and self.root.exists():
-            shutil.rmtree(self.root)
-        run = self.root / "run.json"
-        if run.is_file():
-            previous = json.loads(run.read_text())["fingerprint"]
-            if previous != fingerprint:
+    """The ``<out>.partial`` directory of one run.
+
+    Args:
+        out: the snapshot location (local path or URI).
+        inputs_fingerprint: what a resumed run must share with the interrupted one (the inputs).
+        storage: the run's ``storage`` options.
+        restart: discard an interrupted run's work first.
+    """
+
+    def __init__(self, out: str, inputs_fingerprint: str, storage=None, restart: bool = False):
+        self.out, self.storage = out, storage
+        self.root = f"{out.rstrip('/')}.partial"
+        self.run_id = uuid.uuid4().hex
+        self.lock()
+        if restart:
+            self.clear()
+        run = self.path("run.json")
+        if fs.is_file(run, storage):
+            if fs.read_json(run, storage)["inputs"] != inputs_fingerprint:
+                self.unlock()
                 raise FileExistsError(
-                    f"{self.root} holds an interrupted run with a different config or inputs; "
-                    "remove it or pass --restart"
+                    f"{self.root} holds an interrupted run over different inputs (a file changed, was added "
+                    "or removed); pass --restart to discard it"
                 )
         else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_json(run, {"fingerprint": fingerprint})
+            fs.write_json(run, {"inputs": inputs_fingerprint}, storage)
 
-    @property
-    def resumed(self) -> bool:
-        return any(self.root.glob("seg*/part-*.json"))
+    def path(self, *parts: str) -> str:
+        return fs.join(self.root, *parts)
 
-    def part(self, segment: int, shard: int) -> Path:
-        return self.root / f"seg{segment}" / f"part-{shard:05d}.parquet"
+    # --- one run per output location -------------------------------------------------------------
+    def lock(self) -> None:
+        """Take ``lock.json``; a live holder is an error naming it, a dead or stale one is taken over."""
+        path = self.path("lock.json")
+        if fs.is_file(path, self.storage):
+            holder = fs.read_json(path, self.storage)
+            if _alive(holder):
+                raise LockedError(
+                    f"{self.out} is in use by another run (pid {holder['pid']} on {holder['host']}, since "
+                    f"{holder['since']}); wait for it, or remove {path} if that run is gone"
+                )
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id,
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "heartbeat": time.time()}
+        fs.write_json(path, me, self.storage)
+        if fs.read_json(path, self.storage).get("run_id") != self.run_id:  # lost a race to another run
+            raise LockedError(f"{self.out} was just taken by another run ({path})")
 
-    def marker(self, segment: int, shard: int) -> dict | None:
-        path = self.part(segment, shard).with_suffix(".json")
-        return json.loads(path.read_text()) if path.is_file() else None
+    def heartbeat(self) -> None:
+        path = self.path("lock.json")
+        holder = fs.read_json(path, self.storage)
+        if holder.get("run_id") == self.run_id:
+            fs.write_json(path, dict(holder, heartbeat=time.time()), self.storage)
 
-    def write_part(self, segment: int, shard: int, table: pa.Table, info: dict) -> None:
-        path = self.part(segment, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_parquet(path, table, self.compression)
-        write_json(path.with_suffix(".json"), info)
+    def unlock(self) -> None:
+        path = self.path("lock.json")
+        if fs.is_file(path, self.storage) and fs.read_json(path, self.storage).get("run_id") == self.run_id:
+            fs.delete(path, self.storage)
 
-    def selection_path(self, index: int) -> Path:
-        return self.root / f"select{index}.parquet"
+    # --- segments, shards, fragments --------------------------------------------------------------
+    def segment(self, seg: int) -> str:
+        return self.path(f"seg{seg}")
 
-    def final(self) -> Path:
-        path = self.root / "final"
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir()
-        return path
+    def shard_dir(self, seg: int, shard: int) -> str:
+        return self.path(f"seg{seg}", f"shard-{shard:05d}")
 
-    def publish(self, final: Path, overwrite: bool) -> None:
-        """Rename the finished snapshot into place, then drop the work directory."""
-        old = None
-        if self.out.exists():
-            if not overwrite:
-                raise FileExistsError(f"{self.out} exists; set output.overwrite=true to replace it")
-            old = self.out.with_name(self.out.name + ".old")
-            os.replace(self.out, old)
-        os.replace(final, self.out)
-        shutil.rmtree(self.root)
-        if old is not None:
-            shutil.rmtree(old)
+    def marker_path(self, seg: int, shard: int) -> str:
+        return self.path(f"seg{seg}", f"shard-{shard:05d}.json")
+
+    def markers(self, seg: int) -> dict[int, dict]:
+        """Committed shards of segment ``seg``: ``{shard: marker}`` (one listing, one read per marker)."""
+        out = {}
+        for entry in fs.listdir(self.segment(seg), self.storage):
+            base = fs.name(entry.path)
+            if base.startswith("shard-") and base.endswith(".json"):
+                out[int(base[6:11])] = fs.read_json(fs.join(self.segment(seg), base), self.storage)
+        return out
+
+    def keep_segments(self, fingerprints: list[str]) -> int:
+        """Keep the leading segments whose config is unchanged, drop the rest; returns how many were kept.
+
+        Segment ``k``'s fingerprint covers the source and every stage up to its own map stages and the
+        select stage before it, so changing a select stage's parameter keeps the map work before it.
+        """
+        kept = 0
+        for seg, want in enumerate(fingerprints):
+            path = fs.join(self.segment(seg), "fingerprint.json")
+            have = fs.read_json(path, self.storage)["config"] if fs.is_file(path, self.storage) else None
+            if have != want or kept < seg:
+                fs.delete(self.segment(seg), self.storage)
+                if seg:
+                    fs.delete(self.selection_path(seg - 1), self.storage)
+                    fs.delete(self.selection_report(seg - 1), self.storage)
+                fs.write_json(path, {"config": want}, self.storage)
+            else:
+                kept += 1
+        return kept
+
+    def drop_uncommitted(self, seg: int, shards: list[int]) -> None:
+        """Remove what a crashed or interrupted attempt left of ``shards`` (fragments with no marker)."""
+        for shard in shards:
+            fs.delete(self.shard_dir(seg, shard), self.storage)
+
+    def selection_path(self, seg: int) -> str:
+        return self.path(f"select{seg}.parquet")
+
+    def selection_report(self, seg: int) -> str:
+        return self.path(f"select{seg}.json")
+
+    def clear(self) -> None:
+        """Everything but the lock."""
+        for entry in fs.listdir(self.root, self.storage):
+            if fs.name(entry.path) != "lock.json":
+                fs.delete(fs.join(self.root, fs.name(entry.path)), self.storage)
 
 
-def write_parquet(path: Path, table: pa.Table, compression: str = "zstd") -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression=compression)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+def _alive(holder: dict) -> bool:
+    """Is the run that wrote ``holder`` still running? Same host: its pid; another host: its heartbeat."""
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return int(holder["pid"]) != os.getpid()  # ours: left by an earlier run of this process
+    return time.time() - float(holder.get("heartbeat", 0)) < STALE_LOCK_SECONDS
