@@ -165,7 +165,8 @@ def test_aux_free_bias_updates_balance_a_skewed_router():
         layer(x)
         layer.load.update_bias(cfg.moe.bias_update_rate)
         loads.append((layer.load.fraction().max() * 8).item())
-    assert loads[0] > 3.0 and max(loads[-10:]) < 1.25, loads[::10]
+    # measured 3.34 -> 1.20 (unchanged by 1e-6 input noise; other seeds 2.3-3.9 -> 1.2-1.7); uniform is 1.0
+    assert loads[0] > 2.5 and max(loads[-10:]) < 1.5, loads[::10]
     assert layer.aux is None  # no loss in aux_free mode
 
 

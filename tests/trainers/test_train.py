@@ -59,11 +59,13 @@ def test_learns_real_text_and_writes_metrics_and_checkpoint(snapshot, tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 13)) and last == records[-1]
     assert records[0]["loss"] > 5.0  # ~ln(257) at initialisation
-    assert records[-1]["loss"] < records[0]["loss"] - 1.5
+    assert records[-1]["loss"] < records[0]["loss"] - 1.5  # measured drop 1.95-2.0 over seeds 0-2
     assert [r["lr"] for r in records] == pytest.approx([1e-2 * lr_factor(s, cfg) for s in range(12)])
     assert records[0]["lr"] == pytest.approx(1e-2 / 3) and records[2]["lr"] == pytest.approx(1e-2)
-    # every document's first byte is a label predicted across a boundary: weight 0, so slightly under 1
-    assert 0.9 < records[-1]["kept_fraction"] < 1.0 and records[-1]["tokens"] == 2 * 4 * 64
+    # every document's first byte is a label predicted across a boundary: weight 0, so slightly under 1 in
+    # the steps whose batches hold a document start (which steps do depends on the loader's order)
+    assert all(0.9 < r["kept_fraction"] <= 1.0 for r in records) and records[-1]["tokens"] == 2 * 4 * 64
+    assert min(r["kept_fraction"] for r in records) < 1.0
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000012"
     assert "max_steps: 12" in (tmp_path / "config.yaml").read_text()
 
