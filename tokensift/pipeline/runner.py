@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from tokensift.config import ConfigError, to_yaml
-from tokensift.pipeline import fs, publish, registry, schema, sources
+from tokensift.pipeline import fs, publish, registry, schema, sources, unique
 from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink, tiling
 from tokensift.pipeline.registry import StageEntry
 from tokensift.pipeline.segments import (
@@ -226,11 +226,17 @@ class _Job:
         markers = self.work.markers(last)
         fragments = [(f, m["rows"]) for s in self.shards for f, m in
                      zip(self._files(last, s.index, markers[s.index]), markers[s.index]["fragments"], strict=True)]
+        seg0 = self.work.markers(0)
+        if any(m["source"].get("ids_given") for m in seg0.values()):
+            shard_of = {fs.name(self.work.shard_dir(last, s.index)): s.path for s in self.shards}
+            unique.check_across_shards([f for f, _ in fragments], lambda p: shard_of[fs.name(fs.parent(p))], self.storage)
         out, local = self.work.out, fs.is_local(self.work.out)
         root = self.work.path("final") if local else out
-        fs.delete(root, self.storage) if local else _unpublish(out, self.storage)
+        if local:
+            fs.delete(root)
+        else:
+            _unpublish(out, self.storage)
         shards, target = publish.publish_data(fragments, root, self.cfg.output, self.storage)
-        seg0 = self.work.markers(0)
         run_info = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "config_yaml": to_yaml(self.cfg),

@@ -68,7 +68,7 @@ def with_position(table: pa.Table, shard: int) -> pa.Table:
 def read_source_shard(shard: sources.InputShard, src, segment: str, storage, content_hash: bool) -> pa.Table:
     """Read task of segment 0: read and validate one input shard, write its source record, tag positions."""
     table = sources.read(shard, src.text_column, src.id_column, storage)
-    rows_read = table.num_rows
+    rows_read, ids_given = table.num_rows, table.schema.metadata[sources.IDS_KEY] == b"given"
     table, skipped = sources.validate(table, shard, src.on_invalid, src.max_doc_chars)
     sources.check_unique_ids(table, shard)
     groups = {}
@@ -80,7 +80,7 @@ def read_source_shard(shard: sources.InputShard, src, segment: str, storage, con
         if missing:
             raise sources.SourceError(f"{shard.path}: no column(s) {', '.join(missing)} (source.keep_columns)")
         table = table.select([schema.ID, schema.TEXT, schema.N_CHARS] + [c for c in keep if c not in (schema.ID, schema.TEXT)])
-    record = {"rows": table.num_rows, "rows_read": rows_read, "skipped": skipped, "groups": groups}
+    record = {"rows": table.num_rows, "rows_read": rows_read, "skipped": skipped, "groups": groups, "ids_given": ids_given}
     if content_hash:
         record["sha256"] = sources.content_sha256(shard, storage)
     fs.write_json(fs.join(segment, f"shard-{shard.index:05d}", "source.json"), record, storage)

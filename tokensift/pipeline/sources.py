@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from tokensift.pipeline import fs, schema
 
+IDS_KEY = b"tokensift.ids"  # schema metadata of a read shard: were its ids given or generated?
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
 
 
@@ -212,8 +213,10 @@ def read(shard: InputShard, text_column: str, id_column: str, storage=None) -> p
         row = pc.index(pc.is_null(ids), True).as_py()
         raise SourceError(f"{shard.path}: row {row}: column {id_column!r} is null")
     rest = [c for c in table.column_names if c not in (text_column, id_column, schema.ID, schema.TEXT)]
+    given = id_column in table.column_names
     return pa.table(
-        [ids, text] + [table.column(c) for c in rest], names=[schema.ID, schema.TEXT] + rest
+        [ids, text] + [table.column(c) for c in rest], names=[schema.ID, schema.TEXT] + rest,
+        metadata={IDS_KEY: b"given" if given else b"generated"},
     )
 
 
