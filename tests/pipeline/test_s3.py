@@ -1,6 +1,5 @@
 """The whole data path on a real S3-compatible server (moto on loopback): sources, work directory, snapshot."""
 
-import json
 
 import pyarrow as pa
 import pytest

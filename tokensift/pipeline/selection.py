@@ -100,7 +100,7 @@ def _shard_summary(files: list[str], p, level: int, prefix: int | None, storage)
     table = _read(files, threshold.ScoreThreshold.needs(p) + [schema.ID], storage)
     if table is None:
         return {}
-    _, scores, mass = threshold.shard_columns(table, p, files[0].rsplit("/shard-", 1)[0])
+    _, scores, mass = threshold.shard_columns(table, p, files[0])
     return threshold.bin_summary(scores, mass, level, prefix)
 
 
@@ -146,21 +146,16 @@ def keep_of(path: str, rank_column: str | None, rule: dict | None, storage) -> K
 
 
 def _threshold(p, files: list[list[str]], out: str, storage, opts: dict) -> tuple[dict, dict]:
-    """score_threshold's two-pass: merged bin summaries down to one small cut bin, then its rows."""
+    """score_threshold's two-pass over the shards, each pass a Ray task per shard."""
     import ray
 
     summary, rows = ray.remote(_shard_summary).options(**opts), ray.remote(_shard_bin_rows).options(**opts)
     shards = [f for f in files if f]
-    cut = None
-    for level in range(4):
-        merged = threshold.merge_summaries(
-            ray.get([summary.remote(f, p, level, cut.bin if cut else None, storage) for f in shards]))
-        cut = threshold.find_cut(merged, p, level, cut)
-        if cut.bin is None or merged[cut.bin][0] <= threshold.MAX_GATHER:
-            break
-    gathered = ray.get([rows.remote(f, p, cut, storage) for f in shards]) if cut.bin is not None else []
-    ids, scores, mass = (np.concatenate([g[i] for g in gathered]) if gathered else np.array([]) for i in range(3))
-    selection = threshold.finish_cut(ids.astype(object), scores.astype(np.float64), mass.astype(np.float64), cut, p)
+    selection, cut = threshold.select_sharded(
+        p,
+        lambda level, prefix: ray.get([summary.remote(f, p, level, prefix, storage) for f in shards]),
+        lambda cut: ray.get([rows.remote(f, p, cut, storage) for f in shards]),
+    )
     _write_selection(out, selection.ids, selection.scores, storage)
     report = {"rows_in": cut.total_rows, "rows_out": selection.stats["kept_docs"], "stats": selection.stats}
     rule = {"column": p.column, "level": cut.level, "bin": cut.bin, "descending": p.descending}

@@ -186,6 +186,25 @@ def before_cut(scores: np.ndarray, cut: Cut, descending: bool) -> np.ndarray:
     return bins > np.uint64(cut.bin) if descending else bins < np.uint64(cut.bin)
 
 
+def select_sharded(p: ThresholdParams, summarize, gather) -> tuple[Selection, Cut]:
+    """The selection over sharded data, given two fan-outs over the shards (Ray tasks in the runner).
+
+    Args:
+        p: the stage's params.
+        summarize: ``summarize(level, prefix) -> [bin_summary of each shard]``.
+        gather: ``gather(cut) -> [(ids, scores, mass) of each shard's rows in the cut bin]``.
+    """
+    cut = None
+    for level in range(4):
+        merged = merge_summaries(summarize(level, cut.bin if cut else None))
+        cut = find_cut(merged, p, level, cut)
+        if cut.bin is None or merged[cut.bin][0] <= MAX_GATHER:
+            break
+    parts = gather(cut) if cut.bin is not None else []
+    ids, scores, mass = (np.concatenate([g[i] for g in parts]) if parts else np.array([]) for i in range(3))
+    return finish_cut(ids.astype(object), scores.astype(np.float64), mass.astype(np.float64), cut, p), cut
+
+
 def finish_cut(ids: np.ndarray, scores: np.ndarray, mass: np.ndarray, cut: Cut, p: ThresholdParams) -> Selection:
     """The kept rows of the cut bin (``ids``... gathered from every shard) and the selection's statistics."""
     order = top_p_order(scores, ids, p.descending)
