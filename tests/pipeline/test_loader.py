@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tokensift.pipeline import fs
 from tokensift.pipeline.loader import TokenLoader
 from tokensift.pipeline.shards import write_manifest
 
@@ -233,6 +234,25 @@ def test_reads_through_a_filesystem_uri_and_without_row_group_counts(tmp_path, s
     _same(_collect(TokenLoader(f"file://{snapshot}", 4, 2, seed=5, epochs=2)), expected)
     bare = write_snapshot(tmp_path / "bare", _tables(), row_groups=False)  # token counts from the input_ids column
     _same(_collect(TokenLoader(bare, 4, 2, seed=5, epochs=2)), expected)
+
+
+def test_reads_a_snapshot_on_s3(s3_server, snapshot):
+    """The same batches from the S3-compatible server as from local disk; the manifest is checked there too."""
+    uri = s3_server("loader/snap")
+    filesystem, inner = fs.resolve(uri)
+    for path in sorted((snapshot / "data").glob("*.parquet")):
+        filesystem.create_dir(f"{inner}/data")
+        with filesystem.open_output_stream(f"{inner}/data/{path.name}") as f:
+            f.write(path.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"s3://tokensift-test/loader/snap: not a tokensift snapshot"):
+        TokenLoader(uri, 4, 2)
+    with filesystem.open_output_stream(f"{inner}/manifest.json") as f:
+        f.write((snapshot / "manifest.json").read_bytes())
+    _same(_collect(TokenLoader(uri, 4, 2, rank=1, world_size=2, seed=5, epochs=2, verify=True)),
+          _collect(TokenLoader(snapshot, 4, 2, rank=1, world_size=2, seed=5, epochs=2)))
+    filesystem.delete_file(f"{inner}/data/train-00002-of-00003.parquet")
+    with pytest.raises(FileNotFoundError, match="s3://tokensift-test/loader/snap/data/train-00002-of-00003.parquet: listed"):
+        TokenLoader(uri, 4, 2)
 
 
 def test_a_rank_reads_only_the_row_groups_of_its_sequences(tmp_path, monkeypatch):

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 
 from tokensift.pipeline import fs
 from tokensift.pipeline.packing import LOSS_MASK, Chunk, flatten_documents
+from tokensift.pipeline.publish import MANIFEST
 from tokensift.pipeline.schema import INPUT_IDS, TOKEN_WEIGHTS
-from tokensift.pipeline.shards import MANIFEST, file_sha256
+from tokensift.pipeline.snapshot import sha256
 
 COLUMNS = (INPUT_IDS, TOKEN_WEIGHTS, LOSS_MASK)
 
@@ -108,7 +109,7 @@ class SnapshotSource:
             raise FileNotFoundError(f"{path}: listed in {manifest_path} but missing")
         with reading(path), self.fs.open_input_file(inner) as handle:
             meta = pq.ParquetFile(handle).metadata
-            digest = file_sha256(path, self.storage) if verify else None
+            digest = sha256(path, self.storage) if verify else None
         if meta.num_rows != shard["rows"]:
             raise ValueError(f"{path}: {meta.num_rows} rows, {manifest_path} says {shard['rows']}")
         if digest is not None and digest != shard["sha256"]:

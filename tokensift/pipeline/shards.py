@@ -7,27 +7,16 @@ the shard has that column), so a loader needs no up-front read of the token colu
 
 from __future__ import annotations
 
-import hashlib
-
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tokensift.pipeline import fs
+from tokensift.pipeline.publish import MANIFEST
 from tokensift.pipeline.schema import INPUT_IDS
+from tokensift.pipeline.snapshot import sha256
 
 DATA = "data"
-MANIFEST = "manifest.json"
-
-
-def file_sha256(path: str, storage=None) -> str:
-    """sha256 of the file at ``path`` (local path or URI), streamed."""
-    filesystem, inner = fs.resolve(path, storage)
-    h = hashlib.sha256()
-    with filesystem.open_input_stream(inner) as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_entry(root: str, file: str, storage=None) -> dict:
@@ -38,7 +27,7 @@ def shard_entry(root: str, file: str, storage=None) -> dict:
         f = pq.ParquetFile(handle)
         meta = f.metadata
         entry = {"file": file, "rows": meta.num_rows, "bytes": filesystem.get_file_info(inner).size,
-                 "sha256": file_sha256(path, storage)}
+                 "sha256": sha256(path, storage)}
         if INPUT_IDS in f.schema_arrow.names:
             entry["row_groups"] = [
                 {"rows": meta.row_group(j).num_rows,
