@@ -66,3 +66,59 @@ def test_critical_weight_peaks_at_the_wrong_operation(smollm2):
     ok_seq, ok_p = encode(13, 4, "+")
     w_ok = critical.critical_weights(pos, neg, [ok_seq], [ok_p])[0]
     assert w_ok.max() < w.max()
+
+
+ANSWER = "He buys 3*4=<<3*4=12>>12 eggs.\nThen 12+5=<<12+5=17>>17.\n#### 17"
+
+
+def test_rejected_answer_corrupts_the_final_number_or_one_step_deterministically():
+    import random
+
+    import pyarrow as pa
+
+    from tokensift.scorers import rejected
+
+    bad = rejected.corrupt(ANSWER, "final_number", random.Random(0))
+    assert bad.rsplit("#### ", 1)[0] == ANSWER.rsplit("#### ", 1)[0] and bad.rsplit("#### ", 1)[1] != "17"
+    step = rejected.corrupt(ANSWER, "step", random.Random(1))
+    changed = [a for a, b in zip(ANSWER.splitlines(), step.splitlines(), strict=True) if a != b]
+    assert len(changed) == 2 and changed[-1] == "#### 17"  # one calculation and the final answer
+    assert rejected.corrupt("no final answer", "final_number", random.Random(0)) is None
+    stage = rejected.RejectedAnswer(rejected.RejectedAnswerParams(mode="step"))
+    batch = pa.table({"id": ["a", "b"], "response": [ANSWER, ANSWER]})
+    out = stage(batch).column("rejected").to_pylist()
+    assert out == stage(batch).column("rejected").to_pylist() and all(o != ANSWER for o in out)
+    with pytest.raises(ValueError, match="row 0"):
+        stage(pa.table({"id": ["c"], "response": ["plain"]}))
+
+
+@pytest.mark.slow
+def test_stage_tunes_its_models_and_weights_the_rejected_side_of_pairs(smollm2, tmp_path):
+    """cDPO's contrastive estimation end to end: positive/negative copies of SmolLM2 tuned on correct and on
+    subtracting trajectories; the rejected side of a held-out pair gets its largest weight 1 - s_t on '-'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
+
+    _, tok = smollm2
+    pairs = [(7, 5), (9, 4), (8, 3), (6, 2), (12, 7), (15, 6), (11, 8), (14, 9)]
+
+    def row(a, b):
+        return {"prompt": f"Tom has {a} apples and gets {b} more. How many apples does he have?\n",
+                "response": f"He has {a} + {b} = {a + b} apples. The answer is {a + b}.",
+                "rejected": f"He has {a} - {b} = {a - b} apples. The answer is {a - b}."}
+
+    pq.write_table(pa.Table.from_pylist([row(a, b) for a, b in pairs]), tmp_path / "tune.parquet")
+    params = critical.CriticalParams(tune_paths=[str(tmp_path / "tune.parquet")], tune_steps=6, tune_lr=3e-4,
+                                     tune_last_layers=2, pairs=True, max_length=64)
+    stage = critical.CriticalStage(params)
+    held_out = pa.Table.from_pylist([{**row(13, 4), "text": ""}])
+    batch = Tokenize(TokenizeParams(tokenizer=tok.name_or_path, prompt_column="prompt", response_column="response",
+                                    rejected_column="rejected"))(held_out)
+    out = stage(batch)
+    w = np.asarray(out.column("rejected_token_weights").to_pylist()[0])
+    ids = out.column("rejected_input_ids").to_pylist()[0]
+    p = out.column("prompt_length").to_pylist()[0]
+    assert len(w) == len(ids) and np.all(w[:p] == 0) and critical.CriticalStage.adds(params) == ["rejected_token_weights"]
+    assert tok.decode([ids[int(np.argmax(w))]]).strip() == "-"
