@@ -11,17 +11,19 @@ the column). Documents are packed but kept apart: ``position_ids`` restart at 0 
 at the row start) and ``document_ids`` number the documents of a row, so a model that honours them (the
 built-in GPT, and HF models through ``tokensift.models.packing``) never attends across a boundary.
 
-**The order (lanes).** Sequences are handed out in windows of ``lanes x rounds`` sequences: lane ``c`` of a
-window is its ``rounds`` consecutive sequences ``[c*rounds, (c+1)*rounds)`` (``rounds`` = an epoch's
-sequences over ``lanes``), and position ``p = round*lanes + c`` of the training order is sequence ``n`` of
-lane ``c``. Global batch ``k`` is positions ``[k*B*W, (k+1)*B*W)``; rank ``r`` takes the ``B`` positions
-from ``k*B*W + r*B``. The order is a permutation of the sequences, so there is no overlap and no gap (a
-final remainder smaller than ``lanes`` sequences is not used). With ``lanes = B*W*N`` (the default; ``N``
-DataLoader workers, at least 1) each worker of each rank reads a fixed ``B`` of the lanes, each a contiguous
-stretch of the stream: it reads only the row groups that hold its sequences, plus at most the group
-straddling each end of each lane (a rank reads ``1/W`` of the data, plus at most ``2 * lanes / W`` row
-groups per epoch). Any ``B``, ``W``, ``N`` give the same batches for the same ``lanes``; reading is this
-tight when ``B*W*N`` divides ``lanes``.
+**The order (lanes).** Sequences are handed out in windows of ``lanes * rounds`` consecutive sequences,
+``rounds`` = an epoch's sequences // ``lanes`` (a window is about an epoch; a live stream, whose length is
+unknown, has one round per window, i.e. stream order). Lane ``c`` of window ``w`` is its ``rounds``
+consecutive sequences from ``c * rounds``, and position ``p = w * lanes * rounds + n * lanes + c`` of the
+training order is sequence ``n`` of that lane. Global batch ``k`` is positions ``[k*B*W, (k+1)*B*W)``; rank
+``r`` takes the ``B`` positions from ``k*B*W + r*B``. The order is a permutation of the stream's sequences:
+no overlap, no gap (only the last window's remainder of fewer than ``lanes`` sequences and a final
+incomplete global batch are not used). With ``lanes = B*W*N`` (the default; ``N`` DataLoader workers, at
+least 1) each worker of each rank always reads the same ``B`` lanes, each a contiguous stretch of the
+stream: it reads only the row groups that hold its sequences, plus at most the group straddling each end
+of each lane (a rank reads ``1/W`` of the data, plus at most ``2 * lanes / W`` row groups per epoch: within
+1.25x of its share when an epoch has at least ``8 * lanes`` row groups). Any ``B``, ``W``, ``N`` give the
+same batches for the same ``lanes``; reading is this tight when ``B*W*N`` divides ``lanes``.
 
 DataLoader workers of one rank take that rank's batches round-robin (worker ``w`` of ``N`` makes batches
 ``k = w, w+N, ...``), the order in which a ``DataLoader`` returns them. A batch is only produced when its
