@@ -295,6 +295,9 @@ def test_manifest_is_the_truth(tmp_path, snapshot):
     pq.write_table(_tables()[0], tmp_path / "plain" / "data" / "train-00000-of-00001.parquet")
     with pytest.raises(FileNotFoundError, match=r"not a tokensift snapshot \(no manifest.json\)"):
         TokenLoader(tmp_path / "plain", 4, 1)
+    (tmp_path / "plain" / "manifest.json").write_text('{"rows": 5}')
+    with pytest.raises(ValueError, match=r"plain/manifest.json: not a tokensift manifest \(KeyError"):
+        TokenLoader(tmp_path / "plain", 4, 1)
     shard = snapshot / "data" / "train-00001-of-00003.parquet"
     data = shard.read_bytes()
     shard.unlink()

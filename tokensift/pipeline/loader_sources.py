@@ -81,7 +81,10 @@ class SnapshotSource:
         if not fs.is_file(manifest_path, storage):
             raise FileNotFoundError(f"{self.uri}: not a tokensift snapshot (no {MANIFEST})")
         with reading(manifest_path):
-            shards = fs.read_json(manifest_path, storage)["shards"]
+            try:
+                shards = fs.read_json(manifest_path, storage)["shards"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{manifest_path}: not a tokensift manifest ({type(e).__name__}: {e})") from e
         self.fs = fs.resolve(self.uri, storage)[0]
         self.files = [fs.join(self.uri, s["file"]) for s in shards]
         with ThreadPoolExecutor(min(16, max(1, len(shards)))) as pool:  # footers: one round trip each
