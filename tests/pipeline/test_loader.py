@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tokensift.pipeline import fs
-from tokensift.pipeline.loader import TokenLoader
+from tokensift.pipeline.loader import Order, TokenLoader
 from tokensift.pipeline.shards import write_manifest
 
 # token id = 1000 * document + position, so every token of the corpus is unique and traceable
@@ -99,6 +99,20 @@ def _check_documents(batch: dict) -> None:
         np.testing.assert_array_equal(doc, np.cumsum(starts) - 1)
         first = np.argmax(starts[1:]) + 1 if starts[1:].any() else len(ids)
         np.testing.assert_array_equal(pos[first:], ids[first:] % 1000)  # documents begun in the row: true position
+
+
+def test_the_lane_order_is_a_permutation_of_the_sequences():
+    """Every position maps to a distinct sequence; all but the last window's remainder are used; a lane's
+    sequences are consecutive within its window."""
+    for sequences, lanes, rounds in itertools.product([0, 1, 7, 40, 97], [1, 3, 8], [1, 2, 5]):
+        order = Order(lanes, rounds, sequences)
+        got = [order.sequence(p) for p in range(order.positions)]
+        seqs = [g for g, _ in got]
+        assert len(set(seqs)) == len(seqs) and all(0 <= g < sequences for g in seqs)
+        assert sequences - len(seqs) < lanes
+        for lane in range(lanes):
+            mine = [g for g, c in got if c == lane]
+            assert all(b - a == 1 for a, b in zip(mine, mine[1:], strict=False) if b // (lanes * rounds) == a // (lanes * rounds))
 
 
 @pytest.mark.parametrize("mask", [True, False])
