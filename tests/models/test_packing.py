@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tokensift.models.gpt import GPT, GPTConfig, MoDConfig, MoEConfig
-from tokensift.models.packing import document_mask
+from tokensift.models.packing import document_mask, flattened_forward
 from tokensift.pipeline.loader import TokenLoader
 from tokensift.pipeline.shards import write_manifest
 from tokensift.trainers.losses import token_cross_entropy
@@ -68,6 +68,13 @@ def test_a_packed_batch_equals_its_documents_run_one_by_one(packed, name):
     # without the document ids the later documents see the earlier ones: the check above can fail
     unpacked = forward_logits(model, model, {"input_ids": packed["input_ids"]})
     assert (unpacked - alone).abs().max() > 1e-3
+
+
+def test_flattened_rows_keep_documents_apart_without_a_mask(packed):
+    """The flash-attention path (one flattened row, documents from position_ids), run here on SDPA."""
+    model = _models()["llama"].float().eval()
+    logits = flattened_forward(model, packed["input_ids"], packed["position_ids"]).logits
+    torch.testing.assert_close(logits, forward_logits(model, model, packed), rtol=0, atol=1e-5)
 
 
 def test_gpt_output_attentions_are_the_last_layers_probabilities(packed):

@@ -6,7 +6,10 @@ in the row). Query ``i`` may attend key ``j`` when ``j <= i`` and both are in th
 block-diagonal causal mask, with which the loss of a packed row equals the losses of its documents run one
 by one. The built-in GPT takes both ids in its forward; an HF causal LM gets ``position_ids`` and the mask
 as a 4-D additive ``attention_mask`` (``0`` where allowed, the dtype's minimum elsewhere), which HF models
-use as given.
+use as given. Flash-attention kernels take no such mask: for an HF model loaded with
+``attn_implementation="flash_attention_*"`` the rows are flattened into one and HF's packed-sequence path
+(documents found where ``position_ids`` restart, varlen kernels) keeps them apart, as with
+``DataCollatorWithFlattening``.
 """
 
 from __future__ import annotations
@@ -48,9 +51,24 @@ def packed_forward(model: nn.Module, batch: dict, module: nn.Module | None = Non
     if isinstance(module if module is not None else model, GPT):
         return model(ids, **extra, **kwargs)
     if "document_ids" in extra:
-        dtype = next((module or model).parameters()).dtype
-        kwargs["attention_mask"] = additive_mask(extra.pop("document_ids"), dtype)
+        net = module if module is not None else model
+        if "flash" in str(getattr(getattr(net, "config", None), "_attn_implementation", "")):
+            return flattened_forward(model, ids, extra["position_ids"], **kwargs)
+        kwargs["attention_mask"] = additive_mask(extra.pop("document_ids"), next(net.parameters()).dtype)
     return model(input_ids=ids, **extra, **kwargs)
+
+
+def flattened_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+    """An HF causal LM's output on ``[B, L]`` packed rows run as one ``[1, B*L]`` row without a mask.
+
+    HF finds the documents where ``position_ids`` restart (every row starts at 0, so rows stay apart too);
+    ``logits`` come back as ``[B, L, V]``. The path for attention kernels that take no mask.
+    """
+    B, L = input_ids.shape
+    out = model(input_ids=input_ids.reshape(1, B * L), position_ids=position_ids.reshape(1, B * L),
+                use_cache=False, **kwargs)
+    out.logits = out.logits.reshape(B, L, -1)
+    return out
 
 
 def packed_logits(model: nn.Module, batch: dict, module: nn.Module | None = None) -> torch.Tensor:
