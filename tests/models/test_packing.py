@@ -35,23 +35,21 @@ def packed(tmp_path_factory) -> dict:
     return batch
 
 
-def _models():
+def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    return {
-        "gpt": GPT(GPTConfig(**GPT_BASE)),
-        "gpt_moe": GPT(GPTConfig(**GPT_BASE, moe=MoEConfig(num_experts=4, capacity_factor=None))),
-        "gpt_mod_eval": GPT(GPTConfig(**GPT_BASE, mod=MoDConfig(capacity=0.5))),
-        "llama": llama,
-    }
+        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    variant = {"gpt": {}, "gpt_moe": {"moe": MoEConfig(num_experts=4, capacity_factor=None)},
+               "gpt_mod_eval": {"mod": MoDConfig(capacity=0.5)}}[name]
+    return GPT(GPTConfig(**GPT_BASE, **variant))
 
 
 @pytest.mark.parametrize("name", ["gpt", "gpt_moe", "gpt_mod_eval", "llama"])
 def test_a_packed_batch_equals_its_documents_run_one_by_one(packed, name):
-    model = _models()[name].float()
+    model = _model(name).float()
     model.train(name != "gpt_mod_eval")  # MoD's training top-k looks at the whole row; its eval routing is causal
     logits = forward_logits(model, model, packed)
     alone = torch.zeros_like(logits)
@@ -72,7 +70,7 @@ def test_a_packed_batch_equals_its_documents_run_one_by_one(packed, name):
 
 def test_flattened_rows_keep_documents_apart_without_a_mask(packed):
     """The flash-attention path (one flattened row, documents from position_ids), run here on SDPA."""
-    model = _models()["llama"].float().eval()
+    model = _model("llama").float().eval()
     logits = flattened_forward(model, packed["input_ids"], packed["position_ids"]).logits
     torch.testing.assert_close(logits, forward_logits(model, model, packed), rtol=0, atol=1e-5)
 
