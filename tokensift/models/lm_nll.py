@@ -15,17 +15,23 @@ unrelated neighbours, no unscored tail).
 One stage scores one model; a config lists one ``lm_nll`` entry per model, each with its own ``name``
 (columns ``<name>_nll`` and ``<name>_bpc``, float64). Total NLLs of long documents are large numbers whose
 order between models matters, hence float64.
+
+Windows are scored by the engine in ``scoring.py``: batches of ``max_batch_tokens`` padded positions from
+length-sorted windows; each actor runs as many torch threads as it has CPUs (``resources.num_cpus``,
+rounded up), or on its GPU with ``device: cuda`` and ``resources.num_gpus``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from tokensift.config import ConfigError
+from tokensift.models.causal_lm import DTYPES
+from tokensift.models.scoring import DEFAULT_MAX_TOKENS, token_losses, use_assigned_cpus
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
 
@@ -40,20 +46,22 @@ class LMNLLParams:
     max_length: tokens per window (``None``: the model's ``max_position_embeddings``).
     stride: new tokens per window for documents longer than ``max_length`` (``None``: ``max_length // 2``).
     add_bos: prepend the tokenizer's BOS (its EOS when it has none) so the first token is scored too.
-    batch_size: windows per forward pass.
-    dtype: ``float32`` (fastest on CPU), ``bfloat16`` or ``float16`` on GPUs.
-    device: ``cpu``, ``cuda``, ``cuda:1``...
+    max_batch_tokens: padded token positions per forward pass (about 4k on CPUs; 16k-64k on a GPU).
+    batch_size: at most this many windows per forward pass (``None``: only ``max_batch_tokens``).
+    dtype: ``auto`` (float32 on CPUs, bfloat16 on GPUs), ``float32``, ``bfloat16`` or ``float16``.
+    device: ``cpu``, ``cuda``, ``cuda:1``... (``cuda`` with ``resources.num_gpus``: the actor's GPU).
     """
 
     model: str = ""
     gguf_file: str | None = None
     name: str = "lm"
     text_column: str = schema.TEXT
-    max_length: int | None = None
-    stride: int | None = None
+    max_length: int | None = field(default=None, metadata={"ge": 2})
+    stride: int | None = field(default=None, metadata={"ge": 1})
     add_bos: bool = True
-    batch_size: int = 8
-    dtype: str = "float32"
+    max_batch_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"ge": 1})
+    batch_size: int | None = field(default=None, metadata={"ge": 1})
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
     device: str = "cpu"
 
 
@@ -80,7 +88,14 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     return out
 
 
-def document_nll(model, sequences: list[list[int]], max_length: int, stride: int, batch_size: int = 8) -> np.ndarray:
+def document_nll(
+    model,
+    sequences: list[list[int]],
+    max_length: int,
+    stride: int,
+    batch_size: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> np.ndarray:
     """Total NLL (nats, float64) of each token sequence, every token after the first scored once.
 
     Args:
@@ -88,10 +103,9 @@ def document_nll(model, sequences: list[list[int]], max_length: int, stride: int
         sequences: token ids per document (BOS already prepended when wanted).
         max_length: tokens per window.
         stride: new tokens per window after the first.
-        batch_size: windows per forward pass.
+        batch_size: at most this many windows per forward pass (``None``: only ``max_tokens``).
+        max_tokens: padded token positions per forward pass.
     """
-    from tokensift.models.causal_lm import token_losses
-
     chunks, owner, n_new = [], [], []
     for doc, ids in enumerate(sequences):
         for begin, end, new in windows(len(ids), max_length, stride):
@@ -99,7 +113,7 @@ def document_nll(model, sequences: list[list[int]], max_length: int, stride: int
             owner.append(doc)
             n_new.append(new)
     totals = np.zeros(len(sequences), dtype=np.float64)
-    for doc, new, losses in zip(owner, n_new, token_losses(model, chunks, batch_size=batch_size), strict=True):
+    for doc, new, losses in zip(owner, n_new, token_losses(model, chunks, batch_size, max_tokens), strict=True):
         totals[doc] += losses[len(losses) - new :].sum(dtype=np.float64)
     return totals
 
@@ -116,6 +130,7 @@ class LMNLL:
         if params.max_length:
             windows(2, params.max_length, params.stride or params.max_length // 2)  # checks the stride early
         self.p = params
+        use_assigned_cpus()
         self.model, self.tok = load_causal_lm(params.model, params.gguf_file, params.dtype, params.device)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = params.max_length or limit
@@ -143,7 +158,12 @@ class LMNLL:
         texts = column.to_pylist()
         encoded = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
         nll = document_nll(
-            self.model, [self.prefix + ids for ids in encoded], self.max_length, self.stride, self.p.batch_size
+            self.model,
+            [self.prefix + ids for ids in encoded],
+            self.max_length,
+            self.stride,
+            self.p.batch_size,
+            self.p.max_batch_tokens,
         )
         chars = np.array([len(t) for t in texts], dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):

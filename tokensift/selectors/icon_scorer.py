@@ -14,9 +14,11 @@ sliced BOS tokens in the label offset, leaves the first two response tokens out 
 of PPL(S).
 
 Cost: the reference runs one forward pass per (candidate, assessment sample) pair and context, i.e.
-2 n passes per candidate. Here the context ``[bos] T "\\n\\n\\n"`` is a shared prefix: its KV cache is
-computed once and the n suffixes ``x y`` are scored behind it in batches (``prefix_token_losses``), so a
-candidate costs ``2 (1 + ceil(n / batch_size))`` passes. The random control is one string per candidate
+2 n passes per candidate over ``|T| + |x y|`` tokens each. Here the context ``[bos] T "\\n\\n\\n"`` is a
+shared prefix: its KV cache is computed once (LM head at its last position only) and the n suffixes ``x y``
+are scored behind it in batches of ``max_batch_tokens`` suffix positions and at most ``batch_size`` rows
+(``prefix_token_losses`` of ``models/scoring.py``), so a candidate costs ``2 (1 + batches)`` passes that
+run each context token once instead of n times. The random control is one string per candidate
 (seeded by ``seed`` and the candidate key) so that it is a shared prefix too; ``control="per_pair"`` draws
 a fresh string per pair as the reference does (no prefix reuse for the control then).
 """
@@ -30,7 +32,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from tokensift.models.causal_lm import prefix_token_losses, token_losses
+from tokensift.models.scoring import DEFAULT_MAX_TOKENS, plain_head, prefix_token_losses, token_losses
 
 ALPHABET = string.ascii_letters + string.punctuation + string.digits + " "
 TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"
@@ -60,7 +62,8 @@ class IConScorer:
         assessment: ``(x, y)`` pairs: formatted assessment input and its response.
         max_context_tokens: candidate truncation (reference: 2040).
         max_segment_tokens: truncation of x and of y (reference: 1024).
-        batch_size: assessment samples per forward pass behind one context.
+        batch_size: at most this many assessment samples per forward pass (``None``: only ``max_batch_tokens``).
+        max_batch_tokens: padded token positions per forward pass (suffix positions behind a cached context).
         kv_reuse: score suffixes behind the cached context (``False``: one full sequence per pair, batched).
         control: ``per_candidate`` (one seeded random string per candidate), ``per_pair`` (one per pair, as
             the reference) or ``none`` (the v1 paper's score: PPL(S) stands in for the control).
@@ -74,7 +77,8 @@ class IConScorer:
         assessment: list[tuple[str, str]],
         max_context_tokens: int = 2040,
         max_segment_tokens: int = 1024,
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_TOKENS,
         kv_reuse: bool = True,
         control: str = "per_candidate",
         seed: int = 0,
@@ -84,7 +88,7 @@ class IConScorer:
         if not assessment:
             raise ValueError("icon: the assessment set is empty")
         self.model, self.tok = model, tokenizer
-        self.max_context_tokens, self.batch_size = max_context_tokens, batch_size
+        self.max_context_tokens, self.batch_size, self.max_tokens = max_context_tokens, batch_size, max_batch_tokens
         self.kv_reuse, self.control, self.seed = kv_reuse, control, seed
         self.bos = list(tokenizer("", add_special_tokens=True)["input_ids"])
         self.sep = self._encode(SEPARATOR)
@@ -97,19 +101,23 @@ class IConScorer:
                 raise ValueError(f"icon: assessment sample {i} has an empty input (and the tokenizer adds no BOS)")
             self.inputs.append(xs + ys)
             self.n_response.append(len(ys))
+        plain_head(model)  # the engine's one-time check of the LM head, outside the counted passes
         self.forward_passes = self.tokens_computed = 0
         with self._counting():
             self.ppl_without = self._ppl_no_context()
 
     @contextmanager
     def _counting(self):
-        """Count the model's forward passes and the token positions they compute while inside."""
+        """Count the model's forward passes and the token positions they compute while inside.
+
+        The hook sits on the decoder (``base_model``), which every scoring pass runs.
+        """
 
         def hook(_module, _args, kwargs, _output):
             self.forward_passes += 1
             self.tokens_computed += kwargs["input_ids"].numel()
 
-        handle = self.model.register_forward_hook(hook, with_kwargs=True)
+        handle = self.model.base_model.register_forward_hook(hook, with_kwargs=True)
         try:
             yield
         finally:
@@ -131,15 +139,15 @@ class IConScorer:
     def _ppl_no_context(self) -> np.ndarray:
         if self.bos:
             return self.ppl_with_prefix(self.bos)
-        seqs = token_losses(self.model, self.inputs, self.batch_size)
+        seqs = token_losses(self.model, self.inputs, self.batch_size, self.max_tokens)
         # without a BOS the first token has no loss: losses[t] is for token t + 1
         return self._ppl([np.concatenate([[np.nan], lo]) for lo in seqs])
 
     def ppl_with_prefix(self, prefix: list[int]) -> np.ndarray:
         """PPL of every assessment response behind one token prefix (KV reuse or naive batching)."""
         if self.kv_reuse:
-            return self._ppl(prefix_token_losses(self.model, prefix, self.inputs, self.batch_size))
-        full = token_losses(self.model, [prefix + s for s in self.inputs], self.batch_size)
+            return self._ppl(prefix_token_losses(self.model, prefix, self.inputs, self.batch_size, self.max_tokens))
+        full = token_losses(self.model, [prefix + s for s in self.inputs], self.batch_size, self.max_tokens)
         return self._ppl([lo[len(prefix) - 1 :] for lo in full])
 
     def context_prefix(self, text: str) -> list[int]:
@@ -152,7 +160,7 @@ class IConScorer:
             self.context_prefix(random_control(n_chars, f"{self.seed}:{key}:{j}")) + s
             for j, s in enumerate(self.inputs)
         ]
-        full = token_losses(self.model, seqs, self.batch_size)
+        full = token_losses(self.model, seqs, self.batch_size, self.max_tokens)
         return self._ppl([lo[len(seq) - len(s) - 1 :] for lo, seq, s in zip(full, seqs, self.inputs, strict=True)])
 
     def perplexities(self, text: str, key: str) -> dict:

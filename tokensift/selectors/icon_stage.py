@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from tokensift.models.causal_lm import load_causal_lm
+from tokensift.models.causal_lm import DTYPES, load_causal_lm
+from tokensift.models.scoring import DEFAULT_MAX_TOKENS, use_assigned_cpus
 from tokensift.pipeline import schema, sources
 from tokensift.pipeline.registry import register
 from tokensift.selectors.icon import score_candidate
@@ -44,7 +45,7 @@ class AssessmentParams:
     prompt_column: str = "prompt"
     response_column: str = "response"
     template: str = TEMPLATE
-    max_samples: int | None = None
+    max_samples: int | None = field(default=None, metadata={"ge": 1})
     seed: int = 0
 
 
@@ -53,7 +54,7 @@ class IConScoreParams:
     """Args:
     model: target LM: local directory, hub name, or ``smollm2`` (the shipped SmolLM2-135M-Instruct).
     gguf_file: GGUF file inside ``model`` (dequantized once and cached).
-    dtype: ``float32`` on CPU; ``bfloat16`` / ``float16`` on GPUs.
+    dtype: ``auto`` (float32 on CPUs, bfloat16 on GPUs), ``float32``, ``bfloat16`` or ``float16``.
     device: ``cpu``, ``cuda``... (give the actors ``resources.num_gpus`` accordingly).
     assessment: the assessment set.
     prompt_column: candidate instruction column (rows where it is null use ``text_column`` as is).
@@ -63,7 +64,8 @@ class IConScoreParams:
     subset_fraction: share of rows scored (the paper scored 5,000 of 52,002 Alpaca samples).
     control: ``per_candidate``, ``per_pair`` (reference) or ``none`` (no random-context control).
     kv_reuse: run each context once and score the assessment samples behind its KV cache.
-    batch_size: assessment samples per forward pass.
+    batch_size: at most this many assessment samples per forward pass (``None``: only ``max_batch_tokens``).
+    max_batch_tokens: padded token positions per forward pass (suffix positions behind a cached context).
     max_context_tokens: candidate truncation (reference 2040).
     max_segment_tokens: truncation of assessment input and response (reference 1024).
     seed: seeds the subset and the random controls.
@@ -71,19 +73,20 @@ class IConScoreParams:
 
     model: str = "smollm2"
     gguf_file: str | None = None
-    dtype: str = "float32"
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
     device: str = "cpu"
     assessment: AssessmentParams = field(default_factory=AssessmentParams)
     prompt_column: str | None = "prompt"
     response_column: str | None = "response"
     text_column: str = schema.TEXT
     template: str = TEMPLATE
-    subset_fraction: float = 1.0
-    control: str = "per_candidate"
+    subset_fraction: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    control: str = field(default="per_candidate", metadata={"choices": CONTROLS})
     kv_reuse: bool = True
-    batch_size: int = 8
-    max_context_tokens: int = 2040
-    max_segment_tokens: int = 1024
+    batch_size: int | None = field(default=None, metadata={"ge": 1})
+    max_batch_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"ge": 1})
+    max_context_tokens: int = field(default=2040, metadata={"ge": 0})
+    max_segment_tokens: int = field(default=1024, metadata={"ge": 1})
     seed: int = 0
 
 
@@ -124,6 +127,7 @@ class IConScore:
         if params.control not in CONTROLS:
             raise ValueError(f"icon_score.control must be one of {CONTROLS}, got {params.control!r}")
         self.p = params
+        use_assigned_cpus()
         model, tok = load_causal_lm(params.model, params.gguf_file, params.dtype, params.device)
         self.scorer = IConScorer(
             model,
@@ -132,6 +136,7 @@ class IConScore:
             max_context_tokens=params.max_context_tokens,
             max_segment_tokens=params.max_segment_tokens,
             batch_size=params.batch_size,
+            max_batch_tokens=params.max_batch_tokens,
             kv_reuse=params.kv_reuse,
             control=params.control,
             seed=params.seed,
