@@ -136,8 +136,15 @@ def test_verify_detects_tampering(ray_local, shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path):
-    """SIGKILL mid-run, run again: same rows, same shard bytes as an uninterrupted run."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path, where, request):
+    """SIGKILL of the driver mid-run, run again: same rows, same shard bytes as an uninterrupted run."""
+    from tokensift.pipeline import fs
+
+    if where == "s3":
+        src, base = request.getfixturevalue("s3_shards"), request.getfixturevalue("s3_server")("killed")
+    else:
+        src, base = str(shards), str(tmp_path)
     gate = tmp_path / "gate"
     held = pq.read_table(sorted(shards.glob("*.parquet"))[6:], columns=["id"]).column("id").to_pylist()
     gate.write_text("\n".join(held))
@@ -146,34 +153,39 @@ def test_killed_run_resumes_to_the_same_snapshot(ray_local, shards, tmp_path):
         "{stage: tokenize, resources: {batch_size: 40}}, "
         "{stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}]"
     )
-    args = [f"source.paths=[{shards}/*.parquet]", "output.report=false", "output.rows_per_shard=100", stages]
+    args = [f"source.paths=[{src}/*.parquet]", "output.report=false", "output.rows_per_shard=100", stages]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("RAY_AUTH_MODE", None)  # the default: the embedded Ray runs with a fresh auth token
     code = "import sys, gate_stage; from tokensift.cli import main; sys.exit(main(sys.argv[1:]))"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    out = tmp_path / "resumed"
+    out = fs.join(base, "resumed")
     cmd = [sys.executable, "-c", code, "run", str(cfg), f"output.path={out}", *args]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = tmp_path / "resumed.partial" / "seg0"
-    deadline = time.time() + 120
-    while len(list(parts.glob("shard-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+    markers = fs.join(f"{out}.partial", "seg0")
+
+    def committed() -> int:
+        return len([e for e in fs.listdir(markers) if fs.name(e.path).startswith("shard-") and e.path.endswith(".json")])
+
+    deadline = time.time() + 180
+    while committed() < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(parts.glob("shard-*.json")))
-    assert 3 <= done_before <= 6 and not out.exists()
+    assert 3 <= committed() <= 6
+    assert not fs.exists(fs.join(out, "manifest.json"))  # nothing half-published is visible to readers
     gate.unlink()
     resumed = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the interrupted run" in resumed.stderr
 
-    reference = tmp_path / "reference"
+    reference = fs.join(base, "reference")
     ref_cmd = [sys.executable, "-c", code, "run", str(cfg), f"output.path={reference}", *args]
     subprocess.run(ref_cmd, env=env, cwd=tmp_path, capture_output=True, timeout=300, check=True)
-    a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    a, b = (fs.read_json(fs.join(d, "manifest.json")) for d in (out, reference))
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["rows"] == b["rows"] == 240
+    assert verify(out) == [] and not fs.listdir(f"{out}.partial")
 
 
 def test_embedded_ray_listens_on_loopback_only(ray_local):

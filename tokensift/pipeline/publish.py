@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokensift import __version__
-from tokensift.pipeline import fs, schema
+from tokensift.pipeline import driver_io, fs, schema
 from tokensift.pipeline.fragments import ROW_GROUP
 
 MANIFEST = "manifest.json"
@@ -83,11 +83,11 @@ def publish_data(fragments: list[tuple[str, int]], root: str, output, storage) -
     """Write ``<root>/data/*.parquet`` with Ray tasks; returns the shard records and the schema."""
     import ray
 
-    target = ray.get(ray.remote(target_schema).remote([f for f, _ in fragments], list(output.drop_columns), storage))
+    target = driver_io.get(ray.remote(target_schema).remote([f for f, _ in fragments], list(output.drop_columns), storage))
     slices = plan(fragments, output.rows_per_shard)
     names = [f"data/train-{i:05d}-of-{len(slices):05d}.parquet" for i in range(len(slices))]
     task = ray.remote(write_file).options(num_cpus=1)
-    records = ray.get([task.remote(s, target, fs.join(root, n), storage) for s, n in zip(slices, names, strict=True)])
+    records = driver_io.get([task.remote(s, target, fs.join(root, n), storage) for s, n in zip(slices, names, strict=True)])
     return [dict(file=n, **r) for n, r in zip(names, records, strict=True)], target
 
 

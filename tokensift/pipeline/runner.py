@@ -25,9 +25,10 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from tokensift.config import ConfigError, to_yaml
-from tokensift.pipeline import fs, publish, registry, schema, sources, unique
+from tokensift.pipeline import driver_io, fs, publish, registry, schema, sources, unique
 from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink, tiling
 from tokensift.pipeline.registry import StageEntry
+from tokensift.pipeline.resources import check_plan
 from tokensift.pipeline.segments import (
     add_map_stages,
     read_cpus,
@@ -100,7 +101,7 @@ def check_contract(entries: list[StageEntry], columns: list[str]) -> None:
 
 def run(cfg, restart: bool = False) -> Path | str:
     """Run ``cfg`` (a ``RunConfig``) and return the published snapshot (a ``Path``, or the URI)."""
-    started = time.time()
+    started, driver = time.time(), driver_io.DriverIO()
     entries, shards, _ = plan(cfg)
     storage = OmegaConf.to_object(cfg.storage)
     out = cfg.output.path if fs.is_uri(cfg.output.path) else str(Path(cfg.output.path).expanduser().resolve())
@@ -111,6 +112,9 @@ def run(cfg, restart: bool = False) -> Path | str:
 
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
         import ray.data
+
+        read = cfg.source.read_num_cpus
+        check_plan(entries, read, ray.cluster_resources(), later_read_cpus=read)  # no silent hang: fail here
 
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = False  # fragments carry their rows' positions
@@ -126,7 +130,7 @@ def run(cfg, restart: bool = False) -> Path | str:
             if select is not None:
                 report, keep = job.select(seg, select, markers)
                 stage_reports.append(report)
-        result = job.publish(segments, inputs, stage_reports, entries, started)
+        result = job.publish(segments, inputs, stage_reports, entries, started, driver)
     except Exception as e:  # Ray wraps stage and source errors; surface the original one
         raise _unwrap(e) from None
     finally:
@@ -185,7 +189,7 @@ class _Job:
     def _try_commit(self, seg: int, shard: int, fragments: dict[int, list[dict]], done: dict[int, dict]) -> bool:
         if shard in done:
             return False
-        source = fs.read_json(fs.join(self.work.shard_dir(seg, shard), "source.json"), self.storage)
+        source = driver_io.read_json(fs.join(self.work.shard_dir(seg, shard), "source.json"), self.storage)
         tiles = tiling(fragments[shard], source.pop("rows"))
         if tiles is None:
             return False
@@ -211,7 +215,7 @@ class _Job:
         path, report_path = self.work.selection_path(seg), self.work.selection_report(seg)
         ranked = schema.rank_column(e.spec.name) if getattr(e.spec.cls, "ranked", True) else None
         if fs.is_file(report_path, self.storage):
-            report = fs.read_json(report_path, self.storage)
+            report = driver_io.read_json(report_path, self.storage)
             return report, keep_of(path, ranked, report.pop("rule", None), self.storage)
         files = [self._files(seg, s.index, markers[s.index]) for s in self.shards]
         result, keep = run_select(e, files, path, self.storage)
@@ -220,7 +224,8 @@ class _Job:
         fs.write_json(report_path, dict(report, rule=keep.rule), self.storage)
         return report, keep
 
-    def publish(self, segments, inputs: list[dict], stage_reports: list[dict], entries, started: float) -> Path | str:
+    def publish(self, segments, inputs: list[dict], stage_reports: list[dict], entries, started: float,
+                driver: driver_io.DriverIO) -> Path | str:
         """Publish tasks write the data files; the driver writes the manifest last; local outputs are renamed."""
         last = len(segments) - 1
         markers = self.work.markers(last)
@@ -245,6 +250,7 @@ class _Job:
             "tokenizer": _tokenizer(entries),
             "seconds": round(time.time() - started, 3),
         }
+        run_info["driver"] = driver.summary()  # the coordinator's own cost: CPU seconds, bytes received
         manifest = publish.manifest(run_info, shards, target)
         if self.cfg.output.report:
             pool = [f for s in self.shards for f in self._files(last - 1, s.index, self.work.markers(last - 1)[s.index])] if last else None
@@ -273,7 +279,7 @@ def _report(root: str, manifest: dict, pool: list[str] | None, storage) -> None:
 
     from tokensift.pipeline.report import write_report
 
-    ray.get(ray.remote(write_report).options(num_cpus=1).remote(root, pool, manifest, storage))
+    driver_io.get(ray.remote(write_report).options(num_cpus=1).remote(root, pool, manifest, storage))
 
 
 def _map_reports(maps: list[StageEntry], markers: dict[int, dict]) -> list[dict]:

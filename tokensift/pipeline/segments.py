@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokensift.pipeline import fs, schema, sources
+from tokensift.pipeline import driver_io, fs, schema, sources
 from tokensift.pipeline.fragments import ROW, SHARD, TIME_PREFIX, FragmentSink
 from tokensift.pipeline.registry import StageEntry
 
@@ -153,4 +153,5 @@ def read_cpus(entries: list[StageEntry], default: float) -> float:
 def records(ds) -> Any:
     """The fragment records of a segment's dataset, as they arrive (small tables, in no global order)."""
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        driver_io.count(batch.nbytes)
         yield from batch.to_pylist()

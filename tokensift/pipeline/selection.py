@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from tokensift.pipeline import fs, schema
+from tokensift.pipeline import driver_io, fs, schema
 from tokensift.pipeline.registry import StageEntry
 from tokensift.selectors import threshold
 
@@ -131,7 +131,7 @@ def run_select(e: StageEntry, files: list[list[str]], out: str, storage) -> tupl
     else:
         columns = [schema.ID] + [c for c in e.spec.needs(e.params) if c != schema.ID]
         task = ray.remote(_gathered_select).options(**opts)
-        report = ray.get(task.remote(e.spec.cls, params, e.label, [f for s in files for f in s], columns, out, storage))
+        report = driver_io.get(task.remote(e.spec.cls, params, e.label, [f for s in files for f in s], columns, out, storage))
         rule = None
     report["seconds"] = round(time.perf_counter() - start, 3)
     ranked = getattr(e.spec.cls, "ranked", True)
@@ -153,8 +153,8 @@ def _threshold(p, files: list[list[str]], out: str, storage, opts: dict) -> tupl
     shards = [f for f in files if f]
     selection, cut = threshold.select_sharded(
         p,
-        lambda level, prefix: ray.get([summary.remote(f, p, level, prefix, storage) for f in shards]),
-        lambda cut: ray.get([rows.remote(f, p, cut, storage) for f in shards]),
+        lambda level, prefix: driver_io.get([summary.remote(f, p, level, prefix, storage) for f in shards]),
+        lambda cut: driver_io.get([rows.remote(f, p, cut, storage) for f in shards]),
     )
     _write_selection(out, selection.ids, selection.scores, storage)
     report = {"rows_in": cut.total_rows, "rows_out": selection.stats["kept_docs"], "stats": selection.stats}

@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 
-from tokensift.pipeline import fs
+from tokensift.pipeline import driver_io, fs
 
 STALE_LOCK_SECONDS = 600  # a lock of another host not refreshed for this long is taken over
 
@@ -109,7 +109,7 @@ class WorkDir:
         for entry in fs.listdir(self.segment(seg), self.storage):
             base = fs.name(entry.path)
             if base.startswith("shard-") and base.endswith(".json"):
-                out[int(base[6:11])] = fs.read_json(fs.join(self.segment(seg), base), self.storage)
+                out[int(base[6:11])] = driver_io.read_json(fs.join(self.segment(seg), base), self.storage)
         return out
 
     def keep_segments(self, fingerprints: list[str]) -> int:

@@ -1,0 +1,46 @@
+"""What the driver receives, counted: the bytes of every Ray result, record batch and metadata file it reads.
+
+The driver coordinates and the workers move the data, so this stays O(shards + fragments), never O(rows);
+each run records it in its manifest (``driver``) and the bench reports it per million documents.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from typing import Any
+
+from tokensift.pipeline import fs
+
+
+class DriverIO:
+    """Bytes received and CPU seconds spent by this process since the counter started."""
+
+    received = 0
+
+    def __init__(self):
+        DriverIO.received = 0
+        self.cpu0 = time.process_time()
+
+    def summary(self) -> dict:
+        return {"cpu_seconds": round(time.process_time() - self.cpu0, 3), "bytes_received": DriverIO.received}
+
+
+def get(refs) -> Any:
+    """``ray.get`` that counts the bytes of the results."""
+    import ray
+
+    values = ray.get(refs)
+    DriverIO.received += len(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
+    return values
+
+
+def read_json(path: str, storage=None) -> Any:
+    data = fs.read_bytes(path, storage)
+    DriverIO.received += len(data)
+    return json.loads(data)
+
+
+def count(nbytes: int) -> None:
+    DriverIO.received += nbytes
