@@ -195,3 +195,31 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
     ray_pids = {p.pid for p in psutil.Process().children(recursive=True) if "ray" in p.name() or "gcs" in p.name()}
     listening = [(c.laddr.ip, c.pid) for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in ray_pids]
     assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in listening), listening
+
+
+def test_a_new_select_stage_keeps_the_map_work_and_changed_inputs_are_refused(ray_local, shards, tmp_path, caplog, monkeypatch):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted(shards.glob("*.parquet"))[:4]:
+        (src / p.name).write_bytes(p.read_bytes())
+    tokenize = "{stage: tokenize, resources: {batch_size: 40}}"
+    failing = f"stages=[{tokenize}, {{stage: test_select_unknown}}]"
+    with pytest.raises(RuntimeError, match="not in its input"):  # fails after the map work of segment 0
+        runner.run(config(src, tmp_path / "snap", failing))
+    assert len(list((tmp_path / "snap.partial" / "seg0").glob("shard-*.json"))) == 4
+    reads = []
+    real = runner.shard_reads
+    monkeypatch.setattr(runner, "shard_reads", lambda r: reads.append(len(r)) or real(r))
+    threshold = "{stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}"
+    out = runner.run(config(src, tmp_path / "snap", f"stages=[{tokenize}, {threshold}]"))
+    assert "resuming the interrupted run" in caplog.text
+    assert reads == [4]  # only segment 1 read its shards: the tokenized fragments of segment 0 were kept
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 40 * 4 // 2
+    with pytest.raises(RuntimeError, match="not in its input"):
+        runner.run(config(src, tmp_path / "again", failing))
+    (src / "part-00.parquet").write_bytes((src / "part-01.parquet").read_bytes())  # an input changes
+    with pytest.raises(FileExistsError, match="different inputs"):
+        runner.run(config(src, tmp_path / "again", failing))
