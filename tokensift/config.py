@@ -207,7 +207,10 @@ def check_fields(cfg: DictConfig, schema: type, where: str = "") -> None:
     """
     for f in dataclasses.fields(schema):
         key = f"{where}.{f.name}" if where else f.name
-        value = cfg[f.name]
+        try:
+            value = cfg[f.name]  # resolves interpolations, which may fail
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}: {_first_line(e)}") from None
         if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
             check_fields(value, OmegaConf.get_type(value), key)
         elif isinstance(value, ListConfig):

@@ -13,7 +13,7 @@ The default model is the shipped all-MiniLM-L6-v2 (384-d, ``tokensift.models.ass
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,8 @@ class EmbedParams:
     text_column: str = schema.TEXT
     column: str = schema.EMBEDDING
     device: str = "cpu"
-    max_length: int | None = None
-    batch_size: int = 32
+    max_length: int | None = field(default=None, metadata={"ge": 1})
+    batch_size: int = field(default=32, metadata={"ge": 1})
     normalize: bool = True
 
 

@@ -136,7 +136,7 @@ class IConParams:
     test_share: last share of the scored candidates held out to measure the classifier (reference 10 %).
     """
 
-    top_p: float = 0.15
+    top_p: float = field(default=0.15, metadata={"gt": 0, "lt": 1})
     significance_column: str = "icon_significance"
     prompt_column: str | None = "prompt"
     response_column: str | None = "response"
@@ -144,7 +144,7 @@ class IConParams:
     template: str = TEMPLATE
     classifier: FastTextParams = field(default_factory=icon_fasttext_params)
     classifier_path: str | None = None
-    test_share: float = 0.1
+    test_share: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
 
 
 @register("icon", kind="select", params=IConParams)
@@ -152,10 +152,6 @@ class ICon:
     """Label the top p % of the scored subset, train the classifier, score every row, keep the top p %."""
 
     def __init__(self, params: IConParams):
-        if not 0 < params.top_p < 1:
-            raise ValueError(f"icon.top_p must be in (0, 1), got {params.top_p}")
-        if not 0 <= params.test_share < 1:
-            raise ValueError(f"icon.test_share must be in [0, 1), got {params.test_share}")
         self.p = params
 
     @classmethod

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -244,9 +244,9 @@ class SiftParams:
     max_length: its token limit (``None``: the model's).
     """
 
-    budget: int = 100
-    lam: float = 0.01
-    candidates: int | None = None
+    budget: int = field(default=100, metadata={"ge": 1})
+    lam: float = field(default=0.01, metadata={"gt": 0})
+    candidates: int | None = field(default=None, metadata={"ge": 1})
     fast: bool = False
     absolute: bool = True
     distinct: bool = True
@@ -257,7 +257,14 @@ class SiftParams:
     per_query: bool = False
     model: str | None = None
     device: str = "cpu"
-    max_length: int | None = None
+    max_length: int | None = field(default=None, metadata={"ge": 1})
+
+    def check(self) -> None:
+        """The target set comes from exactly one place."""
+        if (self.queries_file is None) == (self.query_column is None):
+            raise ValueError("set exactly one of queries_file or query_column (with query_value)")
+        if self.query_column is not None and self.query_value is None:
+            raise ValueError(f"query_column {self.query_column!r} needs query_value")
 
 
 @register("sift", kind="select", params=SiftParams)
@@ -265,12 +272,7 @@ class Sift:
     """Select stage: SIFT over the gathered embeddings for a target set from a file or from matching rows."""
 
     def __init__(self, params: SiftParams):
-        if (params.queries_file is None) == (params.query_column is None):
-            raise ValueError("sift: set exactly one of queries_file or query_column (with query_value)")
-        if params.query_column is not None and params.query_value is None:
-            raise ValueError(f"sift: query_column {params.query_column!r} needs query_value")
-        if params.budget < 1 or params.lam <= 0:
-            raise ValueError(f"sift: budget must be >= 1 and lam > 0, got {params.budget}, {params.lam}")
+        SiftParams.check(params)
         self.p = params
 
     @classmethod

@@ -29,7 +29,7 @@ never bucketed. A shortfall (every bucket exhausted) is filled at random (``seed
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ import pyarrow as pa
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
 from tokensift.pipeline.stage import Selection
-from tokensift.selectors.knn import cosine_knn
+from tokensift.selectors.knn import INDEXES, cosine_knn
 
 RHO = 10
 
@@ -254,14 +254,14 @@ class VoteKParams:
     seed: seed of the two-phase random fill.
     """
 
-    budget: int = 100
-    k: int = 150
+    budget: int = field(default=100, metadata={"ge": 1})
+    k: int = field(default=150, metadata={"ge": 1})
     center: bool = True
     column: str = schema.EMBEDDING
     confidence_column: str | None = None
-    phase1: int | None = None
-    index: str = "flat"
-    nprobe: int = 16
+    phase1: int | None = field(default=None, metadata={"ge": 1})
+    index: str = field(default="flat", metadata={"choices": INDEXES})
+    nprobe: int = field(default=16, metadata={"ge": 1})
     seed: int = 0
 
 
@@ -270,8 +270,6 @@ class VoteK:
     """Select stage: vote-k over the gathered embeddings; ids in selection order, gains as scores."""
 
     def __init__(self, params: VoteKParams):
-        if params.budget < 1 or params.k < 1:
-            raise ValueError(f"votek: budget and k must be >= 1, got budget={params.budget}, k={params.k}")
         self.p = params
 
     @classmethod
