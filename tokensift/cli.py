@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from tokensift import __version__
 from tokensift.config import ConfigError
 
+VERBOSE_HELP = "show tracebacks, and Ray's own logs and progress on the console"
 # command -> (module, one-line help); the module is imported only to run or describe that command
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("tokensift.commands.run", "run a selection job (embedded local Ray, or --address) and write a snapshot"),
@@ -45,9 +47,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tokensift {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         if command in (None, name):
             importlib.import_module(module).add_arguments(p)
     return parser
@@ -65,15 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from tokensift.pipeline.ray_env import set_console
+
+    set_console(args.verbose)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.main(args) or 0)
     except ConfigError as e:
-        print(f"tokensift {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        return _report(args, f"config error: {e}", 2)
     except KeyboardInterrupt:
-        print(f"tokensift {args.command}: interrupted; run it again to resume", file=sys.stderr)
-        return 130
+        return _report(args, "interrupted; run it again to resume", 130)
+    except Exception as e:
+        from tokensift.failures import describe
+
+        message = describe(e)
+        if message is None:  # a bug: the traceback is what helps
+            raise
+        return _report(args, message, 1)
+
+
+def _report(args: argparse.Namespace, message: str, code: int) -> int:
+    """One ``tokensift <command>: ...`` line on stderr (after the traceback with ``--verbose``); returns ``code``."""
+    if args.verbose and code != 130:
+        traceback.print_exc()
+    print(f"tokensift {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,20 +19,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tokensift.config import RunConfig, load, to_yaml
     from tokensift.pipeline import runner
-    from tokensift.pipeline.sources import SourceError
 
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     cfg = load(RunConfig, args.config, overrides)
+    if args.dry_run:
+        entries, shards, columns = runner.plan(cfg)
+        print(to_yaml(cfg), end="")
+        print(f"# {len(shards)} input file(s); source columns: {', '.join(columns)}")
+        print(f"# stages: {' -> '.join(e.spec.name for e in entries) or '(none)'}")
+        return 0
     try:
-        if args.dry_run:
-            entries, shards, columns = runner.plan(cfg)
-            print(to_yaml(cfg), end="")
-            print(f"# {len(shards)} input file(s); source columns: {', '.join(columns)}")
-            print(f"# stages: {' -> '.join(e.spec.name for e in entries) or '(none)'}")
-            return 0
         out = runner.run(cfg, restart=args.restart)
-    except (SourceError, FileExistsError) as e:
-        print(f"tokensift run: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:
+        if e.filename is None and e.strerror:  # e.g. a full disk while writing: say where the run writes
+            raise OSError(e.errno, e.strerror, cfg.output.path) from e
+        raise
     print(f"snapshot written: {out}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokensift.jobs.client import add_address_argument, reports_errors
+from tokensift.jobs.client import add_address_argument, jobs_api_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="block until the job ends; exit 0 only if it succeeded")
 
 
-@reports_errors("status")
+@jobs_api_errors
 def main(args: argparse.Namespace) -> int:
     from tokensift.jobs.client import connect
     from tokensift.jobs.status import describe, wait

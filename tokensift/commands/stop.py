@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokensift.jobs.client import add_address_argument, reports_errors
+from tokensift.jobs.client import add_address_argument, jobs_api_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to end")
 
 
-@reports_errors("stop")
+@jobs_api_errors
 def main(args: argparse.Namespace) -> int:
     from tokensift.jobs.client import connect
     from tokensift.jobs.status import describe, wait

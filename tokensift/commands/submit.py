@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokensift.jobs.client import add_address_argument, reports_errors
+from tokensift.jobs.client import add_address_argument, jobs_api_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the tokensift installed on the cluster instead of uploading this one")
 
 
-@reports_errors("submit")
+@jobs_api_errors
 def main(args: argparse.Namespace) -> int:
     from tokensift.jobs.client import connect
     from tokensift.jobs.status import follow_logs, wait

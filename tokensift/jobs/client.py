@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 from collections.abc import Callable
 
 from tokensift.config import _first_line
@@ -57,20 +56,17 @@ def connect(address: str | None = None, token: str | None = None):
         raise JobsError(f"cannot use the Ray Jobs API at {url}: {_first_line(e)}") from None
 
 
-def reports_errors(command: str) -> Callable:
-    """Decorate a command's ``main`` so a :class:`JobsError` (or Ray's error for an unknown job) prints
-    one line and exits 1 instead of a traceback."""
+def jobs_api_errors(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Decorate a command's ``main`` so the Jobs API's own failures (Ray's ``RuntimeError`` for an unknown
+    job, a dropped connection) become a :class:`JobsError`, which the command line reports as one line."""
 
-    def deco(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(main)
-        def wrapped(args: argparse.Namespace) -> int:
-            try:
-                return main(args)
-            except (JobsError, RuntimeError, ConnectionError) as e:
-                print(f"tokensift {command}: {_first_line(e)}", file=sys.stderr)
-                return 1
+    @functools.wraps(main)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return main(args)
+        except JobsError:
+            raise
+        except (RuntimeError, ConnectionError) as e:
+            raise JobsError(_first_line(e)) from e
 
-        return wrapped
-
-    return deco
-
+    return wrapped

@@ -1,4 +1,12 @@
-"""Start or join Ray: the embedded default is a local Ray in this process, on loopback."""
+"""Start or join Ray: the embedded default is a local Ray in this process, on loopback.
+
+Ray talks a lot on the console: its Python INFO lines, Ray Data's progress and execution plans, the C++
+core worker's ``E ... core_worker.cc`` lines on this process's stderr, and whatever workers print. The
+command line asks for a quiet console (:func:`set_console`, on unless ``--verbose``): all of that then goes
+to Ray's log directory (``ray-data.log``, ``python-core-driver-*.log``, ``worker-*.err`` and
+``tokensift-driver.err`` for this process's native stderr), and the console keeps tokensift's own progress
+bars, summary and errors. Library use keeps Ray's defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,14 @@ import logging
 import os
 import secrets
 import sys
+
+_QUIET = False
+
+
+def set_console(verbose: bool) -> None:
+    """Quiet Ray's console output (``verbose=False``) or keep Ray's defaults; call before :func:`ensure_ray`."""
+    global _QUIET
+    _QUIET = not verbose
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
@@ -31,13 +47,41 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
 
     if ray.is_initialized():
         return
+    level = logging.ERROR if _QUIET else logging.WARNING
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        object_store_memory=object_store_memory,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
+        ray.init(address=address, logging_level=level, log_to_driver=not _QUIET)
+    else:
+        ray.init(
+            address="local",  # a new Ray of our own, never one another process started on this machine
+            num_cpus=num_cpus or os.cpu_count(),
+            object_store_memory=object_store_memory,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=level,
+            log_to_driver=not _QUIET,
+        )
+    if _QUIET:
+        _quiet_ray_data()
+        node = ray._private.worker._global_node  # None for a ray:// client, which has no native core worker
+        if node is not None:
+            _native_stderr_to(os.path.join(node.get_logs_dir_path(), "tokensift-driver.err"))
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data logs to its ``ray-data.log`` only, without progress bars (tokensift draws its own)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # its console handler; the file handlers stay
+            handler.setLevel(logging.CRITICAL)
+
+
+def _native_stderr_to(path: str) -> None:
+    """Point file descriptor 2 (where Ray's C++ core worker logs) at ``path``; Python's ``sys.stderr``
+    (progress bars, messages, tracebacks) keeps writing to the console through a duplicate of it."""
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    sys.stderr = console
