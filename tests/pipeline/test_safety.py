@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -79,3 +80,25 @@ def test_a_second_run_on_the_same_output_gets_a_clear_error_naming_the_holder(tm
     assert json.loads((tmp_path / "snap.partial" / "lock.json").read_text())["run_id"] == work.run_id
     work.unlock()
     assert not (tmp_path / "snap.partial" / "lock.json").exists()
+
+
+def test_a_hash_collision_is_not_a_duplicate(tmp_path, monkeypatch):
+    """With a hash that collides on purpose (the id's length), the exact comparison tells the two apart."""
+    from tokensift.pipeline import unique
+
+    monkeypatch.setattr(unique, "id_hashes", lambda ids: lengths(ids) << np.uint64(60))
+    shards, files = [], {}
+    for i, ids in enumerate([["ab", "xyz"], ["cd"], ["xyz"]]):
+        d = tmp_path / f"shard-{i}"
+        d.mkdir()
+        pq.write_table(pa.table({"id": ids}), d / "rows.parquet")
+        shards.append((i, str(d / unique.HASHES), unique.write_hashes(pa.chunked_array([ids]), str(d), None)))
+        files[i] = [str(d / "rows.parquet")]
+    candidates = [c for b in range(unique.BUCKETS) for c in unique._scan(b, shards, None)]
+    assert sorted((a, b) for _, a, b in candidates) == [(0, 1), (0, 2)]  # "ab"~"cd" collide, "xyz" repeats
+    assert unique._confirm(2 << 60, files[0], files[1], None) is None
+    assert unique._confirm(3 << 60, files[0], files[2], None) == "xyz"
+
+
+def lengths(ids):
+    return np.array([len(s) for s in ids.to_pylist()], dtype=np.uint64)

@@ -126,6 +126,8 @@ def run(cfg, restart: bool = False) -> Path | str:
         stage_reports, keep = [], None
         for seg, (maps, select) in enumerate(segments):
             markers = job.segment(seg, maps, keep)
+            if seg == 0:
+                job.check_ids(markers)
             stage_reports += _map_reports(maps, markers)
             if select is not None:
                 report, keep = job.select(seg, select, markers)
@@ -207,6 +209,14 @@ class _Job:
         done[shard] = marker
         return True
 
+    def check_ids(self, markers: dict[int, dict]) -> None:
+        """Ids given by the source are unique across shards (inside a shard, the read task checked them)."""
+        given = [(i, fs.join(self.work.shard_dir(0, i), unique.HASHES), m["source"]["id_hash_offsets"])
+                 for i, m in sorted(markers.items()) if "id_hash_offsets" in m["source"]]
+        fragments = {i: self._files(0, i, markers[i]) for i, _, _ in given}
+        paths = {s.index: s.path for s in self.shards}
+        unique.check_across_shards(given, fragments, paths.get, self.storage)
+
     def _files(self, seg: int, shard: int, marker: dict) -> list[str]:
         return [fs.join(self.work.shard_dir(seg, shard), f["file"]) for f in marker["fragments"]]
 
@@ -231,10 +241,6 @@ class _Job:
         markers = self.work.markers(last)
         fragments = [(f, m["rows"]) for s in self.shards for f, m in
                      zip(self._files(last, s.index, markers[s.index]), markers[s.index]["fragments"], strict=True)]
-        seg0 = self.work.markers(0)
-        if any(m["source"].get("ids_given") for m in seg0.values()):
-            shard_of = {fs.name(self.work.shard_dir(last, s.index)): s.path for s in self.shards}
-            unique.check_across_shards([f for f, _ in fragments], lambda p: shard_of[fs.name(fs.parent(p))], self.storage)
         out, local = self.work.out, fs.is_local(self.work.out)
         root = self.work.path("final") if local else out
         if local:
@@ -242,10 +248,12 @@ class _Job:
         else:
             _unpublish(out, self.storage)
         shards, target = publish.publish_data(fragments, root, self.cfg.output, self.storage)
+        seg0 = self.work.markers(0)
         run_info = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "config_yaml": to_yaml(self.cfg),
-            "inputs": [dict(fp, **seg0[s.index].get("source", {})) for s, fp in zip(self.shards, inputs, strict=True)],
+            "inputs": [dict(fp, **{k: v for k, v in seg0[s.index]["source"].items() if k != "id_hash_offsets"})
+                       for s, fp in zip(self.shards, inputs, strict=True)],
             "stages": stage_reports,
             "tokenizer": _tokenizer(entries),
             "seconds": round(time.time() - started, 3),

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokensift.pipeline import driver_io, fs, schema, sources
+from tokensift.pipeline import driver_io, fs, schema, sources, unique
 from tokensift.pipeline.fragments import ROW, SHARD, TIME_PREFIX, FragmentSink
 from tokensift.pipeline.registry import StageEntry
 
@@ -80,10 +80,13 @@ def read_source_shard(shard: sources.InputShard, src, segment: str, storage, con
         if missing:
             raise sources.SourceError(f"{shard.path}: no column(s) {', '.join(missing)} (source.keep_columns)")
         table = table.select([schema.ID, schema.TEXT, schema.N_CHARS] + [c for c in keep if c not in (schema.ID, schema.TEXT)])
-    record = {"rows": table.num_rows, "rows_read": rows_read, "skipped": skipped, "groups": groups, "ids_given": ids_given}
+    record = {"rows": table.num_rows, "rows_read": rows_read, "skipped": skipped, "groups": groups}
     if content_hash:
         record["sha256"] = sources.content_sha256(shard, storage)
-    fs.write_json(fs.join(segment, f"shard-{shard.index:05d}", "source.json"), record, storage)
+    shard_dir = fs.join(segment, f"shard-{shard.index:05d}")
+    if ids_given:
+        record["id_hash_offsets"] = unique.write_hashes(table.column(schema.ID), shard_dir, storage)
+    fs.write_json(fs.join(shard_dir, "source.json"), record, storage)
     return with_position(table, shard.index)
 
 
