@@ -118,6 +118,9 @@ def run(cfg, restart: bool = False) -> Path | str:
 
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = False  # fragments carry their rows' positions
+        # the driver's own progress bars and logs are tokensift's: Ray Data's cost driver CPU per wall second
+        context.enable_progress_bars = context.enable_operator_progress_bars = False
+        context.print_on_execution_start = False
         context.target_max_block_size = int(cfg.ray.target_block_mb * 2**20)
         segments = _split(entries)
         if work.keep_segments(_segment_fingerprints(cfg, segments)) and work.markers(0):
