@@ -55,3 +55,18 @@ def test_s3_overwrite_replaces_only_a_snapshot(ray_local, s3_shards, s3_server):
 def test_output_inside_an_s3_input_is_refused(s3_shards):
     with pytest.raises(ConfigError, match="overlaps the input"):
         runner.plan(s3_config(s3_shards, f"{s3_shards}/snap", "stages=[]"))
+
+
+@pytest.mark.slow
+def test_quickstart_runs_from_s3_to_s3(ray_local, s3_server, sample_dir):
+    """The README's quickstart, as shipped, with source.paths and output.path on S3."""
+    from pathlib import Path
+
+    src = s3_server("quickstart/in")
+    for p in sorted(Path(sample_dir).glob("*.parquet")):
+        fs.write_bytes(fs.join(src, p.name), p.read_bytes())
+    out = s3_server("quickstart/snap")
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    cfg = load(RunConfig, quickstart, [f"source.paths=[{src}/*.parquet]", f"output.path={out}"])
+    assert runner.run(cfg) == out
+    assert verify(out) == [] and fs.is_file(fs.join(out, "report", "index.md"))
