@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream the job's logs until it ends; exit 0 only if it succeeded")
     parser.add_argument("--no-package", action="store_true",
                         help="use the tokensift installed on the cluster instead of uploading this one")
+    parser.add_argument("--python", default="python",
+                        help="interpreter on the cluster that can import tokensift's dependencies, e.g. "
+                             "/opt/venv/bin/python (default: the first python on the head's PATH)")
 
 
 @jobs_api_errors
@@ -26,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from tokensift.jobs.submit import submit
 
     job_id = submit(args.config, args.overrides, address=args.address, submission_id=args.job_id,
-                    ship_package=not args.no_package)
+                    ship_package=not args.no_package, python=args.python)
     where = f" --address {args.address}" if args.address else ""
     print(f"submitted {job_id}", file=sys.stderr)
     if not args.follow:

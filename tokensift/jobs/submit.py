@@ -3,8 +3,9 @@
 The config is loaded and overridden here (so typos fail before anything is sent), its local paths are made
 absolute, and the resolved YAML travels in the job's ``working_dir``; the ``tokensift`` package travels as
 a ``py_modules`` entry, so the cluster runs the submitter's code. The job's entrypoint is
-``python -m tokensift.cli run tokensift_job.yaml --address auto``: inside a job, ``auto`` is the cluster
-the job runs on. Paths are read and written by the cluster, so on a multi-node cluster they must be on
+``python tokensift_job.py tokensift_job.yaml`` (:mod:`tokensift.jobs.launch`), which checks that the
+cluster's ``python`` can import tokensift's dependencies (else it says how to fix the head) and then runs
+``tokensift run tokensift_job.yaml --address auto``: inside a job, ``auto`` is the cluster the job runs on. Paths are read and written by the cluster, so on a multi-node cluster they must be on
 shared storage (NFS, a mounted bucket) or be URIs.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +28,15 @@ from tokensift.config import ConfigError, RunConfig, _first_line, load, to_yaml
 from tokensift.jobs.client import connect
 
 JOB_CONFIG = "tokensift_job.yaml"
+LAUNCHER = "tokensift_job.py"
 PACKAGE_DIR = Path(tokensift.__file__).resolve().parent
 EXCLUDES = ["__pycache__", "*.pyc"]
 AGENT_WAIT = 60.0  # seconds to retry while a fresh head's job agent comes up
 
 
-def entrypoint(config_file: str = JOB_CONFIG) -> str:
-    """The shell command a job runs: ``tokensift run`` on the cluster it is started in."""
-    return f"python -m tokensift.cli run {config_file} --address auto"
+def entrypoint(config_file: str = JOB_CONFIG, python: str = "python") -> str:
+    """The shell command a job runs: the launcher (:mod:`tokensift.jobs.launch`) under ``python``."""
+    return f"{shlex.quote(python)} {LAUNCHER} {shlex.quote(config_file)}"
 
 
 def job_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -68,6 +72,7 @@ def submit(
     token: str | None = None,
     submission_id: str | None = None,
     ship_package: bool = True,
+    python: str = "python",
 ) -> str:
     """Submit the run described by ``config`` + ``overrides``; returns the job's submission id.
 
@@ -79,6 +84,8 @@ def submit(
         submission_id: job id to use (default: ``tokensift-<name>-<random>``).
         ship_package: upload this ``tokensift`` package with the job; ``False`` uses the one installed on
             the cluster.
+        python: the interpreter the job runs with on the cluster (default: the first ``python`` on the
+            head's ``PATH``); it must be able to import tokensift's dependencies.
     """
     cfg = job_config(config, overrides)
     client = connect(address, token)
@@ -86,8 +93,9 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="tokensift-job-") as tmp:
         workdir = Path(tmp)
         (workdir / JOB_CONFIG).write_text(to_yaml(cfg))
+        shutil.copyfile(PACKAGE_DIR / "jobs" / "launch.py", workdir / LAUNCHER)
         request = dict(
-            entrypoint=entrypoint(),
+            entrypoint=entrypoint(python=python),
             runtime_env=runtime_env(workdir, ship_package),
             submission_id=job_id,
             metadata={
