@@ -75,6 +75,12 @@ class FragmentSink:
                 "sha256": hashlib.sha256(blob).hexdigest(), "seconds": json.dumps(seconds)}
 
 
+def read_fragments(files: list[str], columns: list[str] | None, storage) -> pa.Table | None:
+    """The rows of ``files`` in order (``None`` when there are none); schemas of shards may differ by nulls."""
+    tables = [fs.read_table(path, columns, storage) for path in files]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
 def tiling(fragments: list[dict], rows: int) -> list[dict] | None:
     """Fragments that cover rows ``[0, rows)`` exactly once, in order; ``None`` while a row is missing.
 

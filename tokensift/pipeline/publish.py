@@ -28,10 +28,7 @@ MANIFEST = "manifest.json"
 
 def target_schema(files: list[str], drop: list[str], storage) -> pa.Schema:
     """Ray task: the unified schema of every fragment, less the dropped columns."""
-    schemas = []
-    for path in files:
-        filesystem, inner = fs.resolve(path, storage)
-        schemas.append(pq.read_schema(inner, filesystem=filesystem))
+    schemas = [fs.parquet_file(path, storage).schema_arrow for path in files]
     fields = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     return pa.schema([f for f in fields if f.name not in set(drop)])
 
@@ -55,8 +52,7 @@ def write_file(slices: list[tuple[str, int, int]], target: pa.Schema, path: str,
     """Ray task: one snapshot file from its fragment slices; returns its record for the manifest."""
     parts = []
     for frag, offset, length in slices:
-        filesystem, inner = fs.resolve(frag, storage)
-        parts.append(conform(pq.read_table(inner, filesystem=filesystem).slice(offset, length), target))
+        parts.append(conform(fs.read_table(frag, None, storage).slice(offset, length), target))
     table = pa.concat_tables(parts) if parts else target.empty_table()
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=ROW_GROUP, compression="zstd")

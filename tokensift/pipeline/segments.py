@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tokensift.pipeline import driver_io, fs, schema, sources, unique
-from tokensift.pipeline.fragments import ROW, SHARD, TIME_PREFIX, FragmentSink
+from tokensift.pipeline.fragments import ROW, SHARD, TIME_PREFIX, FragmentSink, read_fragments
 from tokensift.pipeline.registry import StageEntry
 
 
@@ -92,13 +92,8 @@ def read_source_shard(shard: sources.InputShard, src, segment: str, storage, con
 
 def read_kept_rows(shard: int, files: list[str], keep, segment: str, storage) -> pa.Table:
     """Read task of segment k > 0: the shard's committed fragments of segment k-1, filtered by ``keep``."""
-    import pyarrow.parquet as pq
-
-    tables = []
-    for path in files:
-        filesystem, inner = fs.resolve(path, storage)
-        tables.append(pq.read_table(inner, filesystem=filesystem))
-    table = keep.apply(pa.concat_tables(tables, promote_options="permissive")) if tables else pa.table({schema.ID: pa.array([], pa.string())})
+    table = read_fragments(files, None, storage)
+    table = keep.apply(table) if table is not None else pa.table({schema.ID: pa.array([], pa.string())})
     fs.write_json(fs.join(segment, f"shard-{shard:05d}", "source.json"), {"rows": table.num_rows}, storage)
     return with_position(table, shard)
 

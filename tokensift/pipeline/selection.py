@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from tokensift.pipeline import driver_io, fs, schema
+from tokensift.pipeline.fragments import read_fragments
 from tokensift.pipeline.registry import StageEntry
 from tokensift.selectors import threshold
 
@@ -54,17 +55,8 @@ class Keep:
         return out.append_column(self.rank_column, pc.filter(pos, mask).cast(pa.int64())) if self.rank_column else out
 
 
-def _read(files: list[str], columns: list[str], storage) -> pa.Table | None:
-    tables = []
-    for path in files:
-        filesystem, inner = fs.resolve(path, storage)
-        tables.append(pq.read_table(inner, columns=columns, filesystem=filesystem))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
-
-
 def _load_ids(path: str, storage) -> pa.Array:
-    filesystem, inner = fs.resolve(path, storage)
-    return pq.read_table(inner, columns=[schema.ID], filesystem=filesystem).column(schema.ID).combine_chunks()
+    return fs.read_table(path, [schema.ID], storage).column(schema.ID).combine_chunks()
 
 
 def _write_selection(path: str, ids: list, scores: list | None, storage) -> None:
@@ -77,7 +69,7 @@ def _write_selection(path: str, ids: list, scores: list | None, storage) -> None
 
 def _gathered_select(cls: type, params, label: str, files: list[str], columns: list[str], out: str, storage) -> dict:
     """Ray task: gather the columns a select stage needs, select, check the ids, write the selection."""
-    table = _read(files, columns, storage)
+    table = read_fragments(files, columns, storage)
     start = time.perf_counter()
     selection = cls(params).select(table) if table is not None else None
     seconds = time.perf_counter() - start
@@ -97,7 +89,7 @@ def _gathered_select(cls: type, params, label: str, files: list[str], columns: l
 
 def _shard_summary(files: list[str], p, level: int, prefix: int | None, storage) -> dict:
     """Ray task: one shard's ``{bin: [rows, mass]}`` for score_threshold."""
-    table = _read(files, threshold.ScoreThreshold.needs(p) + [schema.ID], storage)
+    table = read_fragments(files, threshold.ScoreThreshold.needs(p) + [schema.ID], storage)
     if table is None:
         return {}
     _, scores, mass = threshold.shard_columns(table, p, files[0])
@@ -106,7 +98,7 @@ def _shard_summary(files: list[str], p, level: int, prefix: int | None, storage)
 
 def _shard_bin_rows(files: list[str], p, cut, storage) -> tuple:
     """Ray task: one shard's rows ``(ids, scores, mass)`` inside the cut bin."""
-    table = _read(files, threshold.ScoreThreshold.needs(p) + [schema.ID], storage)
+    table = read_fragments(files, threshold.ScoreThreshold.needs(p) + [schema.ID], storage)
     if table is None:
         return np.array([], dtype=object), np.array([]), np.array([])
     ids, scores, mass = threshold.shard_columns(table, p, files[0])
