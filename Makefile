@@ -24,7 +24,12 @@ $(STAMP): pyproject.toml
 $(SAMPLE): $(STAMP)
 	$(BIN)/tokensift sample-data sample_data
 
-demo: $(SAMPLE)
+# SIFT's targets in the quickstart: the held-out GSM8K problems, one JSON line each
+QUERIES := sample_data/heldout/math.jsonl
+$(QUERIES): $(SAMPLE)
+	$(BIN)/python -c 'import json, pyarrow.parquet as pq; [print(json.dumps({"text": t})) for t in pq.read_table("sample_data/heldout/math.parquet").column("text").to_pylist()]' > $@
+
+demo: $(QUERIES)
 	$(BIN)/tokensift run examples/quickstart.yaml
 
 test: $(SAMPLE)

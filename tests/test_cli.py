@@ -12,6 +12,8 @@ import pytest
 from tokensift.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
+# the quickstart's one-line alternative without models: the longest half of the documents by tokens
+LENGTH_CUT = "stages=[{stage: tokenize}, {stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}]"
 
 
 def test_help_lists_every_command(capsys):
@@ -29,10 +31,10 @@ def test_every_command_module_builds_its_parser():
 
 
 def test_dry_run_prints_resolved_config_and_plan(sample_dir, capsys, tmp_path):
-    args = ["run", "examples/quickstart.yaml", "--dry-run", f"source.paths=[{sample_dir}/*.parquet]", "stages.1.top_p=0.2"]
+    args = ["run", "examples/quickstart.yaml", "--dry-run", f"source.paths=[{sample_dir}/*.parquet]", "stages.1.budget=64"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "top_p: 0.2" in out and "# 4 input file(s)" in out and "tokenize -> score_threshold" in out
+    assert "budget: 64" in out and "# 4 input file(s)" in out and "embed -> sift -> tokenize -> eslm" in out
 
 
 def test_config_errors_exit_2_with_one_line(tmp_path):
@@ -124,7 +126,7 @@ def test_verbose_adds_the_traceback_before_the_line(tmp_path, capsys):
         assert main(["run", "examples/quickstart.yaml", "--dry-run", f"source.paths=[{missing}]", *flags]) == 1
         err = capsys.readouterr().err
         assert err.startswith("Traceback") and err.endswith(f"tokensift run: {missing}: no such file or directory\n")
-    assert main(["--verbose", "run", "examples/quickstart.yaml", "--dry-run", "stages.1.top_p=2"]) == 2
+    assert main(["--verbose", "run", "examples/quickstart.yaml", "--dry-run", "stages.1.lam=0"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.splitlines()[-1].startswith("tokensift run: config error: ")
 
@@ -200,11 +202,11 @@ def test_native_stderr_goes_to_the_log_and_python_stderr_to_the_console(tmp_path
 def test_console_shows_tokensift_not_ray_unless_verbose(sample_dir, tmp_path):
     source = _tiny_source(tmp_path / "in")
     args = [sys.executable, "-m", "tokensift.cli", "run", "examples/quickstart.yaml", f"source.paths=[{source}]",
-            "output.report=false", "ray.num_cpus=2"]
+            "output.report=false", "ray.num_cpus=2", LENGTH_CUT]
     quiet = subprocess.run([*args, f"output.path={tmp_path / 'a'}"], capture_output=True, text=True, cwd=ROOT)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert " INFO " not in quiet.stderr and "core_worker.cc" not in quiet.stderr, quiet.stderr[-2000:]
+    assert "\tINFO " not in quiet.stderr and "core_worker.cc" not in quiet.stderr, quiet.stderr[-2000:]
     assert f"snapshot written: {tmp_path / 'a'}" in quiet.stdout
     loud = subprocess.run([*args, f"output.path={tmp_path / 'b'}", "--verbose"], capture_output=True, text=True,
                           cwd=ROOT)
-    assert loud.returncode == 0 and " INFO " in loud.stderr, loud.stderr[-2000:]
+    assert loud.returncode == 0 and "\tINFO " in loud.stderr, loud.stderr[-2000:]

@@ -17,6 +17,8 @@ from tokensift.config import (
 )
 from tokensift.pipeline.registry import BUILTIN, get, resolve
 
+TOP_P_15 = "stages=[{stage: tokenize}, {stage: score_threshold, column: n_tokens, top_p: 1.5}]"
+
 
 def write(tmp_path, text):
     p = tmp_path / "c.yaml"
@@ -126,8 +128,9 @@ def test_every_declared_default_satisfies_its_own_metadata():
     ("output.part_compression=gzip", "output.part_compression: 'gzip' is not one of none, zstd, lz4, snappy"),
     ("output.rows_per_shard=0", "output.rows_per_shard: 0 is not > 0"),
     ("ray.num_cpus=0", "ray.num_cpus: 0 is not > 0"),
-    ("stages.1.top_p=1.5", r"stages\[1\] \(score_threshold\).top_p: 1.5 is not <= 1"),
-    ("stages.1.weight=bytes", r"stages\[1\] \(score_threshold\).weight: 'bytes' is not one of chars, docs"),
+    (TOP_P_15, r"stages\[1\] \(score_threshold\).top_p: 1.5 is not <= 1"),
+    ("stages.1.budget=0", r"stages\[1\] \(sift\).budget: 0 is not >= 1"),
+    ("stages.3.alpha=bad", r"stages\[3\] \(eslm\): Value 'bad' of type 'str' could not be converted to Float \(key: alpha\)"),
 ])
 def test_load_rejects_out_of_range_and_unknown_values_naming_file_and_key(override, message):
     with pytest.raises(ConfigError, match=f"^examples/quickstart.yaml: {message}$"):
@@ -160,7 +163,7 @@ def test_required_stage_param_is_named():
 
 
 def test_dry_run_fails_on_a_bad_value_before_any_work(tmp_path, capsys):
-    for override in ("stages.1.top_p=1.5", "source.on_invalid=skpi"):
+    for override in (TOP_P_15, "source.on_invalid=skpi"):
         assert cli_main(["run", "examples/quickstart.yaml", "--dry-run", override]) == 2
         err = capsys.readouterr().err
         assert err.startswith("tokensift run: config error: examples/quickstart.yaml: ") and err.count("\n") == 1

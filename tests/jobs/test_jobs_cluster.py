@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
+# the quickstart's one-line alternative without models: the longest half of the documents by tokens
+LENGTH_CUT = "stages=[{stage: tokenize}, {stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}]"
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +50,15 @@ def head():
 def jobs(head, sample_dir, tmp_path_factory):
     """Submit the quickstart and two broken runs at once, so they share the head's start-up time."""
     tmp = tmp_path_factory.mktemp("jobs")
-    src = f"source.paths=[{sample_dir}/*.parquet]"
+    src = f"source.paths=[{sample_dir}/*.parquet]", LENGTH_CUT
     # what a head started as `.venv/bin/ray start` (venv not activated) runs jobs with: a python whose
     # site-packages lack tokensift's dependencies
     bare = tmp / "python-without-site-packages"
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
     ids = {
-        "ok": submit(QUICKSTART, [src, f"output.path={tmp / 'snap'}"], address=head.address, token=head.token),
-        "wrong_python": submit(QUICKSTART, [src, f"output.path={tmp / 'bad'}"], address=head.address,
+        "ok": submit(QUICKSTART, [*src, f"output.path={tmp / 'snap'}"], address=head.address, token=head.token),
+        "wrong_python": submit(QUICKSTART, [*src, f"output.path={tmp / 'bad'}"], address=head.address,
                                token=head.token, python=str(bare)),
         "no_input": f"tokensift-no-input-{os.getpid()}",
     }
@@ -157,7 +159,7 @@ def test_submit_follow_streams_the_logs_and_exits_with_the_jobs_failure(jobs):
 
 def test_stop_ends_a_running_job(head, jobs, sample_dir):
     _, tmp, _ = jobs
-    job = submit(QUICKSTART, [f"source.paths=[{sample_dir}/*.parquet]", f"output.path={tmp / 'stopped'}"],
+    job = submit(QUICKSTART, [f"source.paths=[{sample_dir}/*.parquet]", LENGTH_CUT, f"output.path={tmp / 'stopped'}"],
                  address=head.address, token=head.token)
     client = connect(head.address, head.token)
     deadline = time.monotonic() + 120

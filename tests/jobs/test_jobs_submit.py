@@ -69,7 +69,7 @@ def test_job_config_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypa
     cfg = job_config(QUICKSTART, ["source.paths=[data/*.parquet,s3://bucket/x.parquet]", "output.path=snap"])
     assert list(cfg.source.paths) == [f"{tmp_path}/data/*.parquet", "s3://bucket/x.parquet"]
     assert cfg.output.path == f"{tmp_path}/snap"
-    assert cfg.stages[0]["stage"] == "tokenize"  # the file's content is kept
+    assert cfg.stages[0]["stage"] == "embed"  # the file's content is kept
 
 
 def test_a_typo_in_an_override_fails_before_anything_is_sent(monkeypatch):

@@ -34,5 +34,36 @@ def main(args: argparse.Namespace) -> int:
         if e.filename is None and e.strerror:  # e.g. a full disk while writing: say where the run writes
             raise OSError(e.errno, e.strerror, cfg.output.path) from e
         raise
-    print(f"snapshot written: {out}")
+    print(summary(str(out), cfg.storage))
     return 0
+
+
+def summary(snapshot: str, storage=None) -> str:
+    """What a finished run made, from its manifest: documents kept, the stage chain, tokens weighted (when the
+    snapshot has ``token_weights``; reads that column), and where the snapshot and its report are.
+
+    Args:
+        snapshot: the published snapshot (local path or URI).
+        storage: storage options for URIs.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tokensift.pipeline import fs
+
+    m = fs.read_json(fs.join(snapshot, "manifest.json"), storage)
+    read = sum(i.get("rows_read", 0) for i in m["inputs"])
+    lines = [f"snapshot written: {snapshot}", f"  documents: {m['rows']:,} kept of {read:,} read"]
+    if m["stages"]:
+        lines.append("  stages:    " + " -> ".join(f"{s['name']} ({s['rows_out']:,})" for s in m["stages"]))
+    if "token_weights" in m.get("columns", {}):
+        tokens = weighted = 0
+        for shard in m["shards"]:
+            filesystem, inner = fs.resolve(fs.join(snapshot, shard["file"]), storage)
+            weights = pc.list_flatten(pq.read_table(inner, columns=["token_weights"], filesystem=filesystem)[0])
+            tokens, weighted = tokens + len(weights), weighted + pc.sum(pc.greater(weights, 0)).as_py()
+        lines.append(f"  tokens:    {weighted:,} of {tokens:,} weighted > 0 (token_weights)")
+    report = fs.join(snapshot, "report", "index.md")
+    if fs.is_file(report, storage):
+        lines.append(f"  report:    {report}")
+    return "\n".join(lines)

@@ -48,6 +48,9 @@ def connect(address: str | None = None, token: str | None = None):
     """
     from ray.job_submission import JobSubmissionClient
 
+    from tokensift.pipeline.ray_env import quiet_ray_logs
+
+    quiet_ray_logs()
     url = resolve_address(address)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:

@@ -24,6 +24,14 @@ def set_console(verbose: bool) -> None:
     _QUIET = not verbose
 
 
+def quiet_ray_logs() -> None:
+    """Under a quiet console, Ray's Python loggers (e.g. the Jobs client's upload lines) show errors only;
+    call after ``ray`` is imported (it sets its loggers up on import)."""
+    if _QUIET:  # on the handlers: some of Ray's modules set their own loggers to INFO
+        for handler in logging.getLogger("ray").handlers:
+            handler.setLevel(logging.ERROR)
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
     """Connect to Ray once per process.
 
