@@ -31,8 +31,8 @@ MAX_WEIGHT_TOKENS = 2_000_000  # token weights read for the distribution plot (d
 
 
 def write_report(snapshot_dir: str | Path, pool: list[str] | None = None, manifest: dict | None = None,
-                 storage=None) -> str:
-    """Write ``<snapshot_dir>/report/`` (replacing an older one) and return the path of ``index.md``.
+                 storage=None) -> Path | str:
+    """Write ``<snapshot_dir>/report/`` (replacing an older one) and return the path (or URI) of ``index.md``.
 
     Args:
         snapshot_dir: a snapshot (``manifest.json`` + ``data/``), a local path or a URI.
@@ -57,7 +57,8 @@ def write_report(snapshot_dir: str | Path, pool: list[str] | None = None, manife
         fs.delete(target, storage)
         for f in sorted(out.iterdir()):
             fs.write_bytes(fs.join(target, f.name), f.read_bytes(), storage)
-    return fs.join(target, index.name)
+    index = fs.join(target, index.name)
+    return index if fs.is_uri(index) else Path(index)
 
 
 def _write_sections(snap: str, manifest: dict, shards: list[str], pool, out: Path, storage) -> Path:
