@@ -39,16 +39,16 @@ def describe(e: BaseException) -> str | None:
         files = " -> ".join(str(f) for f in (cause.filename, cause.filename2) if f is not None)
         return f"{files}: {cause.strerror}" if files else cause.strerror
     remote = cause is not e
-    if _is_arrow_error(cause) or isinstance(cause, (ValueError, RuntimeError)) and (remote or _raised_by_tokensift(cause)):
+    ours = isinstance(cause, (ValueError, RuntimeError)) and (remote or _raised_by_tokensift(cause))
+    if _is_arrow_error(cause) or ours:
         return _first_line(cause)
     return None
 
 
 def original(e: BaseException) -> BaseException | None:
-    """``e`` itself, or for a Ray task error the exception raised in the worker (``None`` when that was not
-    an expected kind). Ray Data keeps only the text of it: it is rebuilt from the first ``pkg.Class: message``
-    line of the remote traceback, as that class for the expected ones (an ``OSError`` with its errno, text and
-    file name), else ``None``."""
+    """``e`` itself, or for a Ray task error the exception raised in the worker. Ray Data keeps only the text
+    of that one: it is rebuilt from the first ``pkg.Class: message`` line of the remote traceback, as that
+    class when it is an expected kind (an ``OSError`` with its errno, text and file name), else ``None``."""
     if not _is_ray_task_error(e):
         return e
     cause = getattr(e, "cause", None)
