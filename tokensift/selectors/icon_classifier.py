@@ -3,9 +3,10 @@
 Labels follow the RICo reference: threshold = the (1 - p) quantile (linear interpolation, as pandas) of the
 scored subset's Significance, label 1 when Significance >= threshold; the first 90 % of the scored rows
 (in pool order) train the classifier, the last 10 % measure it. The paper's classifier is a LoRA sequence
-classifier on the target LLM; the default here is fastText on CPU (``tokensift.selectors.fasttext_text``,
-shared with PreSelect), with settings sized for a few thousand labelled samples. The input text is the
-candidate's formatted prompt followed by its response, as in the reference.
+classifier on the target LLM (``tokensift.selectors.icon_lm_classifier``: pass ``LMClassifierParams``); the
+default here is fastText on CPU (``tokensift.selectors.fasttext_text``, shared with PreSelect), with settings
+sized for a few thousand labelled samples. The input text is the candidate's formatted prompt followed by its
+response, as in the reference.
 
 Map stage ``icon_classify`` scores any pool with a saved classifier on Ray actors (linear time) and writes
 ``icon_classify_score`` = P(label 1); ``score_threshold`` with ``weight: docs`` then keeps the top p %.
@@ -22,11 +23,11 @@ import pyarrow as pa
 
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
-from tokensift.selectors.fasttext_text import (
-    SCORING_RESOURCES,
-    FastTextParams,
-    FastTextScorer,
-    train_classifier,
+from tokensift.selectors.fasttext_text import SCORING_RESOURCES, FastTextParams, train_classifier
+from tokensift.selectors.icon_lm_classifier import (
+    LMClassifierParams,
+    load_icon_classifier,
+    train_lm_classifier,
 )
 from tokensift.selectors.icon_scorer import TEMPLATE, candidate_text
 
@@ -49,9 +50,15 @@ def significance_labels(significance: np.ndarray, top_p: float) -> tuple[np.ndar
 
 
 def train_icon_classifier(
-    texts: list[str], labels: np.ndarray, out: str | Path, params: FastTextParams, test_share: float = 0.1
+    texts: list[str], labels: np.ndarray, out: str | Path, params: FastTextParams | LMClassifierParams,
+    test_share: float = 0.1,
 ) -> dict:
-    """Train on the first ``1 - test_share`` of the rows, measure on the rest; returns statistics."""
+    """Train on the first ``1 - test_share`` of the rows, measure on the rest; returns statistics.
+
+    Args:
+        params: ``FastTextParams`` (a fastText file at ``out``) or ``LMClassifierParams`` (a LoRA classifier
+            directory at ``out``).
+    """
     n_test = int(len(texts) * test_share)
     n_train = len(texts) - n_test
     train_labels = [str(v) for v in labels[:n_train]]
@@ -60,10 +67,13 @@ def train_icon_classifier(
             f"icon: the {n_train} training candidates all have label {train_labels[0] if train_labels else None}; "
             "score more candidates (icon_score.subset_fraction) or raise top_p"
         )
-    train_classifier(texts[:n_train], train_labels, out, params)
+    if isinstance(params, LMClassifierParams):
+        train_lm_classifier(texts[:n_train], labels[:n_train], out, params)
+    else:
+        train_classifier(texts[:n_train], train_labels, out, params)
     stats = {"train_rows": n_train, "test_rows": n_test, "train_positives": int(labels[:n_train].sum())}
     if n_test:
-        proba = FastTextScorer(out).proba(texts[n_train:])
+        proba = load_icon_classifier(out).proba(texts[n_train:])
         truth = labels[n_train:]
         stats["test_accuracy"] = float(((proba >= 0.5) == (truth == 1)).mean())
         stats["test_auc"] = auc(proba, truth)
@@ -96,7 +106,8 @@ def keep_count(top_p: float, n: int) -> int:
 @dataclass
 class IConClassifyParams:
     """Args:
-    classifier: a fastText model file written by the ``icon`` select stage (``classifier_path``).
+    classifier: the classifier the ``icon`` select stage wrote (``classifier_path``): a fastText file or an
+        LM classifier directory.
     prompt_column: candidate instruction column (null rows use ``text_column``).
     response_column: candidate response column.
     text_column: plain text column.
@@ -120,7 +131,7 @@ class IConClassify:
         if not params.classifier:
             raise ValueError("icon_classify.classifier is not set: give the model file the icon stage wrote")
         self.p = params
-        self.scorer = FastTextScorer(params.classifier)
+        self.scorer = load_icon_classifier(params.classifier)
 
     @classmethod
     def needs(cls, p: IConClassifyParams) -> list[str]:
