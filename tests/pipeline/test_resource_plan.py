@@ -84,7 +84,7 @@ def test_gpus_are_checked_too():
         check_plan(resolve([lm(num_cpus=1, num_gpus=1, concurrency=2)]), 0.5, one_gpu)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(60, func_only=True)  # the call only: starting Ray is not the hang
 def test_the_hang_configuration_fails_fast_through_the_runner(ray_local, sample_dir, tmp_path):
     """Today's hang: ``resources: {num_cpus: 1, concurrency: 2}`` on the 2-CPU embedded Ray."""
     from tokensift.models.assets import SMOLLM2_GGUF, package_dir

@@ -66,8 +66,8 @@ def use_assigned_cpus() -> int | None:
     a 1.5-CPU actor on one thread. Returns the threads set, or ``None`` outside a Ray worker (the driver
     and plain scripts keep their threads).
     """
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None and not _in_task(ray):
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; plain scripts need not
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return None
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     if cpus <= 0:
@@ -75,11 +75,6 @@ def use_assigned_cpus() -> int | None:
     threads = max(1, math.ceil(cpus - 1e-6))
     torch.set_num_threads(threads)
     return threads
-
-
-def _in_task(ray) -> bool:
-    """Whether this process runs a Ray task (not the driver)."""
-    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 def plain_head(model) -> bool:
