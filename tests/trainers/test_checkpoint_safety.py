@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -58,11 +60,6 @@ def _trained(tmp_path, zero_stage: int, precision: str = "fp32"):
     return engine, state
 
 
-def _save(path, obj):
-    torch.save(obj, path)
-    return path
-
-
 def test_safe_load_refuses_a_planted_pickle_and_runs_nothing(tmp_path):
     marker, planted = tmp_path / "ran.txt", tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.ones(2)}, "step": Payload(marker)}, planted)
@@ -71,8 +68,8 @@ def test_safe_load_refuses_a_planted_pickle_and_runs_nothing(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
         checkpoint.load_model_state(tmp_path.parent, tmp_path.name)
     assert not marker.exists()
-    pickle_marker = tmp_path / "plain.txt"  # the payload is live: plain unpickling would run it
-    torch.load(_save(tmp_path / "probe.pt", Payload(pickle_marker)), weights_only=False)
+    pickle_marker = tmp_path / "plain.txt"  # the payload is live: plain unpickling runs it
+    pickle.loads(pickle.dumps(Payload(pickle_marker)))
     assert pickle_marker.read_text() == "ran"
 
 
@@ -82,7 +79,7 @@ def test_resume_refuses_a_planted_checkpoint_file(tmp_path, zero_stage, victim):
     """A real checkpoint whose model (ZeRO 0) or optimizer-partition (ZeRO 2) file gained a payload."""
     _trained(tmp_path, zero_stage)
     marker, path = tmp_path / "ran.txt", tmp_path / "step_00000002" / victim
-    state = torch.load(path, weights_only=False)  # the attacker's side: rewrite a real file
+    state = checkpoint.safe_load(path)  # the attacker's side: rewrite a real file
     state["ds_version"] = Payload(marker)
     torch.save(state, path)
     with pytest.raises(UnsafeCheckpointError, match=f"{path}: refusing to load"):
