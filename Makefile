@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 
 $(SAMPLE): $(STAMP)
 	$(BIN)/tokensift sample-data sample_data
+	touch $@
 
 # SIFT's targets in the quickstart: the held-out GSM8K problems, one JSON line each
 QUERIES := sample_data/heldout/math.jsonl

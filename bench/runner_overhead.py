@@ -22,6 +22,7 @@ from tokensift.pipeline.registry import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "quickstart.yaml"
+LENGTH_CUT = "stages=[{stage: tokenize}, {stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}]"  # no models
 
 
 def in_process(cfg, out: Path) -> int:
@@ -43,11 +44,11 @@ def run(quick: bool = False) -> list[dict]:
         out = Path(tmp) / "snap"
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "tokensift.cli", "run", str(CONFIG), f"output.path={out}", "output.report=false"],
+            [sys.executable, "-m", "tokensift.cli", "run", str(CONFIG), f"output.path={out}", "output.report=false", LENGTH_CUT],
             cwd=ROOT, check=True, capture_output=True,
         )
         ours = time.perf_counter() - start
-        cfg = load(RunConfig, CONFIG)
+        cfg = load(RunConfig, CONFIG, [LENGTH_CUT])
         start = time.perf_counter()
         rows = in_process(cfg, Path(tmp) / "plain.parquet")
         anchor = time.perf_counter() - start

@@ -102,3 +102,11 @@ def test_a_hash_collision_is_not_a_duplicate(tmp_path, monkeypatch):
 
 def lengths(ids):
     return np.array([len(s) for s in ids.to_pylist()], dtype=np.uint64)
+
+
+def test_columns_whose_types_conflict_across_files_are_an_error_before_any_work(tmp_path):
+    d = inputs(tmp_path, {"a.parquet": pa.table({"text": ["x"], "domain": ["news"]}),
+                          "b.parquet": pa.table({"text": ["y"], "domain": [3]}),
+                          "c.parquet": pa.table({"text": ["z"], "domain": pa.array([None], pa.null())})})
+    with pytest.raises(SourceError, match=r"b.parquet: column 'domain' has type int64, but string in .*a.parquet"):
+        runner.plan(config(d, tmp_path / "snap"))

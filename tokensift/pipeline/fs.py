@@ -128,15 +128,22 @@ def write_bytes(path: str, data: bytes, storage: Any = None) -> None:
     Local: a temporary sibling renamed into place. Object stores: one PUT, atomic by the store's contract.
     """
     fs, inner = resolve(path, storage)
-    fs.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
+    try:
+        fs.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
+        if not isinstance(fs, pafs.LocalFileSystem):
+            with fs.open_output_stream(inner) as f:
+                f.write(data)
+            return
         tmp = f"{inner}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, inner)
-        return
-    with fs.open_output_stream(inner) as f:
-        f.write(data)
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, inner)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:  # pyarrow's messages ("Error writing bytes to file") name no file
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def read_json(path: str, storage: Any = None) -> Any:

@@ -9,8 +9,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from tokensift.config import ConfigError, check_choice, validate_params
-from tokensift.pipeline.stage import COMPUTE, Resources
+from tokensift.config import ConfigError, validate_params
+from tokensift.pipeline.stage import Resources
 
 # stage name -> module that registers it
 BUILTIN: dict[str, str] = {
@@ -96,7 +96,6 @@ def resolve(stages: list[Any]) -> list[StageEntry]:
         spec = get(raw.pop("stage"))
         given = {**getattr(spec.cls, "default_resources", {}), **dict(raw.pop("resources", {}) or {})}
         res = validate_params(Resources, given, f"{where}.resources")
-        check_choice(f"{where}.resources.compute", res.compute, COMPUTE)
         params = validate_params(spec.params, raw, f"{where} ({spec.name})")
         out.append(StageEntry(i, spec, params, Resources(**res)))
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from tokensift import failures
 from tokensift.config import ConfigError, to_yaml
 from tokensift.pipeline import driver_io, fs, publish, registry, schema, sources, unique
 from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink, tiling
@@ -49,9 +49,9 @@ def plan(cfg) -> tuple[list[StageEntry], list[sources.InputShard], list[str]]:
     entries = registry.resolve(cfg.stages)
     storage = cfg.storage
     shards = sources.expand(list(cfg.source.paths), cfg.source.format, storage)
-    names = sources.check(shards[0], cfg.source.text_column, storage)
-    for shard in shards[1:]:
-        sources.check(shard, cfg.source.text_column, storage)
+    schemas = [(s.path, sources.check(s, cfg.source.text_column, storage)) for s in shards]
+    sources.check_compatible(schemas)
+    names = schemas[0][1].names
     check_output(cfg, shards)
     keep = cfg.source.keep_columns
     columns = [schema.ID, schema.TEXT, schema.N_CHARS] + [
@@ -137,7 +137,7 @@ def run(cfg, restart: bool = False) -> Path | str:
                 stage_reports.append(report)
         result = job.publish(segments, inputs, stage_reports, entries, started, driver)
     except Exception as e:  # Ray wraps stage and source errors; surface the original one
-        raise _unwrap(e) from None
+        raise (failures.original(e) or e) from None
     finally:
         work.unlock()
     return result
@@ -339,25 +339,3 @@ def _tokenizer(entries: list[StageEntry]) -> dict | None:
         if e.spec.name == "tokenize":
             return {k: v for k, v in OmegaConf.to_container(e.params).items() if k in ("tokenizer", "gguf_file", "add_eos", "max_length")}
     return None
-
-
-def _unwrap(e: BaseException) -> BaseException:
-    """The user error behind Ray's task wrappers, as its own type with its own one-line message.
-
-    Ray ships a remote error to the driver as text; its first ``pkg.Class: message`` line is the original.
-    """
-    import sys
-
-    if "ray" not in sys.modules:
-        return e
-    import ray.exceptions
-
-    if not isinstance(e, ray.exceptions.RayError):
-        return e
-    match = re.search(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", str(e), flags=re.M)
-    if not match:
-        return e
-    cls, msg = match.group(1).rsplit(".", 1)[-1], match.group(2)
-    known = {"SourceError": sources.SourceError, "ConfigError": ConfigError, "ValueError": ValueError,
-             "FileNotFoundError": FileNotFoundError, "RuntimeError": RuntimeError}
-    return known[cls](msg) if cls in known else RuntimeError(f"{match.group(1)}: {msg}")

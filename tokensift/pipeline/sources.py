@@ -171,26 +171,44 @@ def content_sha256(shard: InputShard, storage=None) -> str:
     return h.hexdigest()
 
 
-def check(shard: InputShard, text_column: str, storage=None) -> list[str]:
-    """Cheap pre-flight: the file opens and has ``text_column``. Returns the file's column names."""
+def check(shard: InputShard, text_column: str, storage=None) -> pa.Schema:
+    """Cheap pre-flight: the file opens and has ``text_column``. Returns its schema (JSONL: its first record's)."""
     try:
         if shard.format == "parquet":
             with _open_file(shard, storage) as f:
-                names = pq.ParquetFile(f).schema_arrow.names
+                found = pq.ParquetFile(f).schema_arrow
         elif shard.format == "hf":
             with _open_file(shard, storage) as f:
-                names = pa.ipc.open_stream(f).schema.names
+                found = pa.ipc.open_stream(f).schema
         else:
             with _open_stream(shard, storage) as f:
                 first = next(_lines(f), b"")
-            names = list(_parse_json_line(first, shard.path, 1))
+            found = pa.Table.from_pylist([_parse_json_line(first, shard.path, 1)]).schema
     except SourceError:
         raise
     except Exception as e:  # corrupt files surface here with the library's own words
         raise SourceError(f"{shard.path}: cannot be read as {shard.format}: {e}") from None
-    if text_column not in names:
-        raise SourceError(f"{shard.path}: no column {text_column!r} (columns: {', '.join(names)})")
-    return names
+    if text_column not in found.names:
+        raise SourceError(f"{shard.path}: no column {text_column!r} (columns: {', '.join(found.names)})")
+    return found
+
+
+def check_compatible(schemas: list[tuple[str, pa.Schema]]) -> None:
+    """Columns of the same name have types that merge across files; the error names the column and both files."""
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    for path, found in schemas:
+        for f in found:
+            if f.name not in seen or pa.types.is_null(seen[f.name][0]):
+                seen[f.name] = (f.type, path)
+                continue
+            other, where = seen[f.name]
+            try:
+                pa.unify_schemas([pa.schema([(f.name, other)]), pa.schema([f])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise SourceError(
+                    f"{path}: column {f.name!r} has type {f.type}, but {other} in {where}; the files cannot be "
+                    "read as one dataset"
+                ) from None
 
 
 def read(shard: InputShard, text_column: str, id_column: str, storage=None) -> pa.Table:

@@ -36,12 +36,12 @@ class Resources:
             ``None`` reserves nothing.
     """
 
-    compute: str = "actors"
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    concurrency: int = 1
-    batch_size: int = 256
-    memory: int | None = None
+    compute: str = field(default="actors", metadata={"choices": COMPUTE})
+    num_cpus: float = field(default=0.5, metadata={"ge": 0})
+    num_gpus: float = field(default=0.0, metadata={"ge": 0})
+    concurrency: int = field(default=1, metadata={"ge": 1})
+    batch_size: int = field(default=256, metadata={"ge": 1})
+    memory: int | None = field(default=None, metadata={"gt": 0})
 
 
 @runtime_checkable
