@@ -5,10 +5,10 @@
 - MoE (``GPTConfig.moe``): the MLP of every ``moe.every``-th block becomes ``num_experts`` MLP experts
   behind a softmax router with top-k routing and per-expert capacity; the load-balancing loss
   ``N_E * sum_i f_i p_i`` is computed per micro-batch or over the global batch, or replaced by aux-loss-free
-  bias balancing (:mod:`tokensift.trainers.moe`).
+  bias balancing (:mod:`tokensift.models.moe`).
 - MoD (``GPTConfig.mod``): every ``mod.every``-th block (every other one by default) only processes the
   top 12.5 % of each sequence's tokens by a learned router, ``x_i + r_i * f(X~)_i``; the others skip it
-  (:mod:`tokensift.trainers.mod`). Training routes by top-k; ``model.eval()`` routes causally (router BCE
+  (:mod:`tokensift.models.mod`). Training routes by top-k; ``model.eval()`` routes causally (router BCE
   or auxiliary predictor), as sampling must.
 
 Packed rows: ``position_ids`` and ``document_ids`` (``[B, T]``, from ``tokensift.pipeline.loader``) give each
@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokensift.models.packing import document_mask
-from tokensift.trainers.mod import (
+from tokensift.models.mod import (
     ROUTER_AUX,
     RoutePredictor,
     mod_capacity,
@@ -41,7 +40,7 @@ from tokensift.trainers.mod import (
     routing_bce,
     top_k_positions,
 )
-from tokensift.trainers.moe import (
+from tokensift.models.moe import (
     BALANCE_MODES,
     ExpertLoad,
     balance_loss,
@@ -51,6 +50,7 @@ from tokensift.trainers.moe import (
     expert_counts,
     route_top_k,
 )
+from tokensift.models.packing import document_mask
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tokensift.models.gpt import GPTConfig, MoE, MoEConfig
-from tokensift.trainers.moe import (
+from tokensift.models.moe import (
     ExpertLoad,
     balance_loss,
     capacity_mask,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensift.models.gpt import GPT, Block, GPTConfig, MoDBlock, MoDConfig
-from tokensift.trainers.mod import mod_capacity, positions_mask, routed_attention_mask, top_k_positions
+from tokensift.models.mod import mod_capacity, positions_mask, routed_attention_mask, top_k_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
