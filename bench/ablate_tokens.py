@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from bench.ablate_select import read_split, run_config, sample_rows, target_split
 from bench.ablate_train import heldout_loss, train_arm, write_eval_snapshot
 from tokensift.pipeline import schema
+from tokensift.pipeline.shards import write_manifest
 
 ARMS = {  # arm -> (snapshot kind, trainer overrides)
     "plain": ("mask", []),
@@ -86,6 +87,7 @@ class TokenArms:
         self.snapshots = {"shad": self.shad, "mask": self.work / "tokens_mask"}
         (self.snapshots["mask"] / "data").mkdir(parents=True, exist_ok=True)
         pq.write_table(response_mask(table), self.snapshots["mask"] / "data" / "train-00000-of-00001.parquet")
+        write_manifest(self.snapshots["mask"])
         w = table.column(schema.TOKEN_WEIGHTS).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self.shad_stats = {"rows": table.num_rows, "response_tokens": int((w > 0).sum()),
                            "boilerplate_share": float(((w > 0) & (w < 1)).sum() / max((w > 0).sum(), 1))}

@@ -68,6 +68,7 @@ def write_eval_snapshot(table: pa.Table, out: Path, tokenizer_params, mask_promp
     prompt tokens get ``token_weights`` 0 so only responses are scored."""
     import numpy as np
 
+    from tokensift.pipeline.shards import write_manifest
     from tokensift.pipeline.tokenize import Tokenize
 
     t = Tokenize(tokenizer_params)(table)
@@ -79,6 +80,7 @@ def write_eval_snapshot(table: pa.Table, out: Path, tokenizer_params, mask_promp
     (out / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(t.select([c for c in t.column_names if c in (schema.ID, schema.INPUT_IDS, schema.TOKEN_WEIGHTS)]),
                    out / "data" / "train-00000-of-00001.parquet")
+    write_manifest(out)
     return out
 
 
@@ -92,7 +94,7 @@ def heldout_loss(model: torch.nn.Module, eval_snapshot: Path, seq_len: int, batc
     for n, batch in enumerate(loader):
         if max_batches is not None and n >= max_batches:
             break
-        ce = token_cross_entropy(forward_logits(model, model, batch["input_ids"]), batch["labels"])
+        ce = token_cross_entropy(forward_logits(model, model, batch), batch["labels"])
         total += float((ce * batch["loss_weights"]).sum())
         weight += float(batch["loss_weights"].sum())
     if weight == 0:

@@ -88,7 +88,8 @@ def test_eval_snapshot_masks_prompts(sample_dir, tmp_path):
 
 
 def test_train_and_heldout_loss_on_a_2_layer_gpt(sample_dir, tmp_path):
-    params = TokenizeParams(tokenizer="byte", max_length=2000)
+    # documents cut to 200 bytes: every loader lane (a contiguous stretch of the stream) crosses boundaries
+    params = TokenizeParams(tokenizer="byte", max_length=200)
     train = write_eval_snapshot(pq.read_table(sample_dir / "news.parquet").slice(0, 60), tmp_path / "train", params)
     heldout = write_eval_snapshot(pq.read_table(sample_dir / "heldout" / "news.parquet").slice(0, 20), tmp_path / "ho", params)
     model, stats = train_arm(train, tmp_path / "run", 0, ["max_steps=12", *TINY])

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from tokensift.pipeline.schema import INPUT_IDS, TOKEN_WEIGHTS
+from tokensift.pipeline.schema import INPUT_IDS, LOSS_MASK, TOKEN_WEIGHTS
 
-LOSS_MASK = "loss_mask"  # list<int8> aligned with input_ids: 1 on response (trained) tokens, 0 on prompt tokens
 FIELDS = ("tokens", "weights", "mask", "starts")
 
 

@@ -10,6 +10,7 @@ TEXT = "text"
 N_CHARS = "n_chars"  # int64, written by the source: character count of ``text``
 INPUT_IDS = "input_ids"  # list<int32>
 PROMPT_LENGTH = "prompt_length"  # int32: leading tokens of ``input_ids`` that are the prompt
+LOSS_MASK = "loss_mask"  # list<int8>, same length as input_ids: 1 = response (trained), 0 = prompt
 TOKEN_WEIGHTS = "token_weights"  # list<float32>, same length as input_ids; a mask is weights in {0,1}
 EMBEDDING = "embedding"  # fixed_size_list<float32>
 
