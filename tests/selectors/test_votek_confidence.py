@@ -9,6 +9,7 @@ from tokensift.selectors.votek_confidence import VoteKConfidence, VoteKConfidenc
 TEXTS = ["The capital of France is", "zq xv jj kw ppl qq zzv mmo bruk"]
 
 
+@pytest.mark.slow
 def test_confidence_is_the_mean_logprob_of_the_greedy_output_teacher_forced(smollm2):
     stage = VoteKConfidence(VoteKConfidenceParams(max_new_tokens=6))
     out = stage(pa.table({"text": TEXTS})).column("votek_confidence").to_pylist()
