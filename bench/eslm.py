@@ -1,11 +1,11 @@
 """ESLM's saved compute: LM-head FLOPs and time of the kept-token loss vs the dense token loss.
 
 Ours: score every token from logits computed without gradient, keep the top ``1 - alpha`` (ESLM, loss
-score, alpha 0.5) and take the loss through ``tokensift.scorers.eslm.kept_head_loss`` (the scoring logits are
+score, alpha 0.5) and take the loss through ``tokensift.trainers.losses.kept_head_loss`` (the scoring logits are
 reused; the head's backward runs on kept rows only). Anchor: the same scoring, then the usual masked loss,
 ``sum(w * CE(head(h))) / sum(w)`` with gradient through the full logits. FLOPs are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls of forward and backward), not by formula; the formula
-of ``eslm.head_flops`` is reported next to them. Hidden states are random (FLOPs and time do not depend on
+of ``losses.head_flops`` is reported next to them. Hidden states are random (FLOPs and time do not depend on
 values); sizes are SmolLM2's head (576 x 49,152).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokensift.scorers import eslm
+from tokensift.trainers import losses
 
 
 def _setup(n: int, d: int, v: int):
@@ -34,7 +34,7 @@ def _ours(head, hidden, labels, alpha):
         logits = head(hidden)
         loss = F.cross_entropy(logits, labels, reduction="none")
     keep = eslm.select_mask(loss, alpha).float()
-    eslm.kept_head_loss(hidden, head, logits, labels, keep).backward()
+    losses.kept_head_loss(hidden, head, logits, labels, keep).backward()
 
 
 def _anchor(head, hidden, labels, alpha):
@@ -64,7 +64,7 @@ def run(quick: bool = False) -> list[dict]:
     repeats = 2 if quick else 5
     args = (*_setup(n, d, v), alpha)
     ours_f, anchor_f = _flops(_ours, *args), _flops(_anchor, *args)
-    formula = eslm.head_flops(n, n - int(alpha * n), d, v)
+    formula = losses.head_flops(n, n - int(alpha * n), d, v)
     ours_t, anchor_t = _time(_ours, args, repeats), _time(_anchor, args, repeats)
     size = f"{n} tokens, head {d}x{v}, alpha {alpha}"
     return [

@@ -28,6 +28,8 @@ BUILTIN: dict[str, str] = {
     "eslm": "tokensift.scorers.eslm",
     "shad": "tokensift.scorers.shad",
     "critical": "tokensift.scorers.critical",
+    "rejected_answer": "tokensift.scorers.rejected",
+    "votek_confidence": "tokensift.selectors.votek_confidence",
 }
 
 _REGISTRY: dict[str, StageSpec] = {}

@@ -28,7 +28,7 @@ from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
 
 BYTE_EOS = 256
-LOSS_MASK = "loss_mask"  # list<int8>, same length as input_ids: 1 = response (trained), 0 = prompt
+LOSS_MASK = schema.LOSS_MASK
 LOSS_MASK_TYPE = pa.list_(pa.int8())
 REJECTED = "rejected_"  # prefix of the rejected side's columns of a preference pair
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
