@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from tokensift.scorers import eslm
 from tokensift.trainers import losses
 
 
