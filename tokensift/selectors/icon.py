@@ -36,7 +36,7 @@ import pyarrow as pa
 from tokensift.pipeline import schema
 from tokensift.pipeline.registry import register
 from tokensift.pipeline.stage import Selection
-from tokensift.selectors.fasttext_text import FastTextParams, FastTextScorer
+from tokensift.selectors.fasttext_text import FastTextParams
 from tokensift.selectors.icon_classifier import (
     candidate_texts,
     icon_fasttext_params,
@@ -44,6 +44,7 @@ from tokensift.selectors.icon_classifier import (
     significance_labels,
     train_icon_classifier,
 )
+from tokensift.selectors.icon_lm_classifier import LMClassifierParams, load_icon_classifier
 from tokensift.selectors.icon_scorer import TEMPLATE
 from tokensift.selectors.threshold import top_p_order
 
@@ -130,7 +131,9 @@ class IConParams:
     response_column: candidate response column.
     text_column: plain text column.
     template: instruction format (as in ``icon_score``).
+    classifier_kind: ``fasttext`` (the CPU default) or ``lm`` (the paper's: a LoRA classifier on the scoring LM).
     classifier: fastText settings.
+    lm_classifier: the LoRA classifier's settings (``classifier_kind: lm``).
     classifier_path: where the trained classifier is saved, to score other pools with ``icon_classify``
         (``None``: a temporary file).
     test_share: last share of the scored candidates held out to measure the classifier (reference 10 %).
@@ -142,7 +145,9 @@ class IConParams:
     response_column: str | None = "response"
     text_column: str = schema.TEXT
     template: str = TEMPLATE
+    classifier_kind: str = field(default="fasttext", metadata={"choices": ("fasttext", "lm")})
     classifier: FastTextParams = field(default_factory=icon_fasttext_params)
+    lm_classifier: LMClassifierParams = field(default_factory=LMClassifierParams)
     classifier_path: str | None = None
     test_share: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
 
@@ -167,8 +172,9 @@ class ICon:
         labels, threshold = significance_labels(sig[scored], p.top_p)
         with tempfile.TemporaryDirectory(prefix="tokensift-icon-") as tmp:
             path = Path(p.classifier_path or Path(tmp) / "icon-classifier.bin")
-            stats = train_icon_classifier([texts[i] for i in scored], labels, path, p.classifier, p.test_share)
-            proba = FastTextScorer(path).proba(texts).astype(np.float64)
+            settings = p.lm_classifier if p.classifier_kind == "lm" else p.classifier
+            stats = train_icon_classifier([texts[i] for i in scored], labels, path, settings, p.test_share)
+            proba = load_icon_classifier(path).proba(texts).astype(np.float64)
         order = top_p_order(proba, ids)
         kept = order[: keep_count(p.top_p, len(ids))]
         stats.update(
