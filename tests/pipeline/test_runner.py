@@ -197,7 +197,7 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
     assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in listening), listening
 
 
-def test_a_new_select_stage_keeps_the_map_work_and_changed_inputs_are_refused(ray_local, shards, tmp_path, caplog, monkeypatch):
+def test_a_new_select_stage_keeps_the_map_work_and_changed_inputs_are_refused(ray_local, shards, tmp_path, monkeypatch):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -215,7 +215,6 @@ def test_a_new_select_stage_keeps_the_map_work_and_changed_inputs_are_refused(ra
     monkeypatch.setattr(runner, "shard_reads", lambda r: reads.append(len(r)) or real(r))
     threshold = "{stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}"
     out = runner.run(config(src, tmp_path / "snap", f"stages=[{tokenize}, {threshold}]"))
-    assert "resuming the interrupted run" in caplog.text
     assert reads == [4]  # only segment 1 read its shards: the tokenized fragments of segment 0 were kept
     assert json.loads((out / "manifest.json").read_text())["rows"] == 40 * 4 // 2
     with pytest.raises(RuntimeError, match="not in its input"):

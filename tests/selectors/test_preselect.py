@@ -316,7 +316,9 @@ def test_real_text_end_to_end(sample_dir, tmp_path, ray_local, capsys):
     chars = np.array([len(t) for t in pool.column("text").to_pylist()])
     order = np.lexsort((ids, -scores.astype(np.float64)))
     n_keep = int(np.searchsorted(np.cumsum(chars[order]), 0.1 * chars.sum())) + 1
-    kept = kept.sort_by("score_threshold_rank")  # the snapshot keeps input order; rank = selection order
+    # the snapshot keeps input order; the selection order is by score, ties by id
+    rank = np.lexsort((np.array(kept.column("id").to_pylist()), -kept.column("preselect_score").to_numpy().astype(np.float64)))
+    kept = kept.take(pa.array(rank))
     assert kept.column("id").to_pylist() == ids[order[:n_keep]].tolist()
     np.testing.assert_array_equal(kept.column("preselect_score").to_numpy(), scores[order[:n_keep]])
     select = manifest["stages"][1]
