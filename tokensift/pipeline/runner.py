@@ -264,7 +264,10 @@ class _Job:
         run_info["driver"] = driver.summary()  # the coordinator's own cost: CPU seconds, bytes received
         manifest = publish.manifest(run_info, shards, target)
         if self.cfg.output.report:
-            pool = [f for s in self.shards for f in self._files(last - 1, s.index, self.work.markers(last - 1)[s.index])] if last else None
+            pool = None
+            if last:  # the scored rows before the last selection, for the report's histograms
+                before = self.work.markers(last - 1)
+                pool = [f for s in self.shards for f in self._files(last - 1, s.index, before[s.index])]
             _report(root, manifest, pool, self.storage)
         fs.write_json(fs.join(root, publish.MANIFEST), manifest, self.storage)
         if not local:
