@@ -5,10 +5,11 @@ same job against a cluster. Everything the job needs is checked before any work 
 inputs (they exist, open, have the text column), the output location and the column contract of every stage.
 
 The driver coordinates and the workers move the data: read tasks read the input shards, the last stage of
-each segment writes fragments to the work directory (``tokensift.pipeline.fragments``), select stages run
-in Ray tasks (``tokensift.pipeline.selection``), publish tasks write the snapshot files
-(``tokensift.pipeline.publish``). The driver handles the plan, one small record per fragment, the commit
-markers and the manifest: its work grows with the number of shards and fragments, never with rows.
+each segment writes fragments to the work directory (``tokensift.pipeline.fragments``), one task per segment
+runs Ray Data's executor and commits the shards (``tokensift.pipeline.commit``), select stages run in Ray
+tasks (``tokensift.pipeline.selection``), publish tasks write the snapshot files
+(``tokensift.pipeline.publish``). The driver handles the plan, one marker per shard and the manifest: its
+work grows with the number of shards, never with rows or blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 from tokensift import failures
 from tokensift.config import ConfigError, to_yaml
 from tokensift.pipeline import driver_io, fs, publish, registry, schema, sources, unique
-from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink, tiling
+from tokensift.pipeline.commit import stream_markers
+from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink
 from tokensift.pipeline.registry import StageEntry
 from tokensift.pipeline.resources import check_plan
 from tokensift.pipeline.segments import (
@@ -34,7 +36,6 @@ from tokensift.pipeline.segments import (
     read_cpus,
     read_kept_rows,
     read_source_shard,
-    records,
     shard_reads,
 )
 from tokensift.pipeline.selection import Keep, keep_of, run_select
@@ -148,6 +149,7 @@ class _Job:
 
     def __init__(self, cfg, work: WorkDir, storage, shards: list[sources.InputShard]):
         self.cfg, self.work, self.storage, self.shards = cfg, work, storage, shards
+        self.beat = time.time()
 
     def segment(self, seg: int, maps: list[StageEntry], keep: Keep | None) -> dict[int, dict]:
         """Run segment ``seg`` over its uncommitted shards; returns every shard's marker."""
@@ -171,46 +173,18 @@ class _Job:
         cpus = read_cpus(maps, src.read_num_cpus)
         ds = ray.data.read_datasource(shard_reads(reads), override_num_blocks=len(reads), num_cpus=cpus)
         ds = add_map_stages(ds, maps, FragmentSink(segment, self.storage, self.cfg.output.part_compression), cpus)
-        self._commit_stream(seg, ds, pending, done)
+        shards = {i: (self.work.shard_dir(seg, i), self.work.marker_path(seg, i)) for i in pending}
+        with tqdm(total=len(pending), desc=f"segment {seg}", unit="shard") as bar:
+            for shard, marker in stream_markers(ds, shards, self.storage, self._beat):
+                done[shard] = marker
+                bar.update(1)
         return done
 
-    def _commit_stream(self, seg: int, ds, pending: list[int], done: dict[int, dict]) -> None:
-        """Commit each shard as soon as its fragments tile its rows (the marker is the commit)."""
-        fragments: dict[int, list[dict]] = {i: [] for i in pending}
-        beat = time.time()
-        with tqdm(total=len(pending), desc=f"segment {seg}", unit="shard") as bar:
-            for record in records(ds):
-                fragments[record["shard"]].append(record)
-                if self._try_commit(seg, record["shard"], fragments, done):
-                    bar.update(1)
-                if time.time() - beat > HEARTBEAT_SECONDS:
-                    self.work.heartbeat()
-                    beat = time.time()
-            for shard in [i for i in pending if i not in done]:  # shards that produced no rows
-                if not self._try_commit(seg, shard, fragments, done):
-                    raise RuntimeError(f"segment {seg}: shard {shard} ended with rows missing from its fragments")
-                bar.update(1)
-
-    def _try_commit(self, seg: int, shard: int, fragments: dict[int, list[dict]], done: dict[int, dict]) -> bool:
-        if shard in done:
-            return False
-        source = driver_io.read_json(fs.join(self.work.shard_dir(seg, shard), "source.json"), self.storage)
-        tiles = tiling(fragments[shard], source.pop("rows"))
-        if tiles is None:
-            return False
-        seconds: dict[str, float] = {}
-        for f in tiles:
-            for col, s in json.loads(f["seconds"]).items():
-                seconds[col] = seconds.get(col, 0.0) + s
-        marker = {
-            "rows": sum(f["rows"] for f in tiles),
-            "fragments": [{k: f[k] for k in ("file", "first", "rows", "bytes", "sha256")} for f in tiles],
-            "seconds": seconds,
-            "source": source,
-        }
-        fs.write_json(self.work.marker_path(seg, shard), marker, self.storage)
-        done[shard] = marker
-        return True
+    def _beat(self) -> None:
+        """Refresh the work directory's lock every ``HEARTBEAT_SECONDS`` while a segment runs."""
+        if time.time() - self.beat > HEARTBEAT_SECONDS:
+            self.work.heartbeat()
+            self.beat = time.time()
 
     def check_ids(self, markers: dict[int, dict]) -> None:
         """Ids given by the source are unique across shards (inside a shard, the read task checked them)."""

@@ -4,21 +4,21 @@ A run is split at its select stages: segment 0 reads the source, segment k reads
 segment k-1 filtered by select stage k-1. Each input shard is read by one Ray read task, which tags its
 rows with the shard index and their row index (hidden columns) and writes the shard's source record. The
 segment's last stage writes its output rows as fragments straight to the work directory
-(:class:`~tokensift.pipeline.fragments.FragmentSink`) and passes on only one small record per fragment, so
-the driver receives metadata, never rows, and no global ordering of the stream is needed.
+(:class:`~tokensift.pipeline.fragments.FragmentSink`) and passes on only one small record per fragment to the
+segment's commit task (:mod:`tokensift.pipeline.commit`), so no row reaches the driver and no global
+ordering of the stream is needed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokensift.pipeline import driver_io, fs, schema, sources, unique
+from tokensift.pipeline import fs, schema, sources, unique
 from tokensift.pipeline.fragments import ROW, SHARD, TIME_PREFIX, FragmentSink, read_fragments
 from tokensift.pipeline.registry import StageEntry
 
@@ -146,10 +146,3 @@ def read_cpus(entries: list[StageEntry], default: float) -> float:
     """CPUs per read task: a first stage of task compute runs inside the read task, which takes its CPUs."""
     first = entries[0].resources if entries else None
     return first.num_cpus if first is not None and first.compute == "tasks" and not first.num_gpus else default
-
-
-def records(ds) -> Any:
-    """The fragment records of a segment's dataset, as they arrive (small tables, in no global order)."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        driver_io.count(batch.nbytes)
-        yield from batch.to_pylist()

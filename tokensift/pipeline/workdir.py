@@ -15,7 +15,8 @@ Layout::
 
 A marker exists only for a complete shard, and only what a marker lists is ever read: fragments of a retried
 or duplicated task that no marker lists are garbage that the next run removes. Workers write the fragments
-and the source records; the driver writes only the small JSON files (run, lock, fingerprints, markers).
+and the source records, each segment's commit task writes the markers, and the driver writes only the small
+JSON files of the run (run, lock, fingerprints, selections).
 """
 
 from __future__ import annotations
