@@ -211,8 +211,8 @@ def test_a_new_select_stage_keeps_the_map_work_and_changed_inputs_are_refused(ra
         runner.run(config(src, tmp_path / "snap", failing))
     assert len(list((tmp_path / "snap.partial" / "seg0").glob("shard-*.json"))) == 4
     reads = []
-    real = runner.shard_reads
-    monkeypatch.setattr(runner, "shard_reads", lambda r: reads.append(len(r)) or real(r))
+    real = runner.stream_markers
+    monkeypatch.setattr(runner, "stream_markers", lambda dataset, shards, *a: reads.append(len(shards)) or real(dataset, shards, *a))
     threshold = "{stage: score_threshold, column: n_tokens, top_p: 0.5, weight: docs}"
     out = runner.run(config(src, tmp_path / "snap", f"stages=[{tokenize}, {threshold}]"))
     assert reads == [4]  # only segment 1 read its shards: the tokenized fragments of segment 0 were kept

@@ -1,4 +1,3 @@
-import copy
 import math
 
 import numpy as np
@@ -6,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokensift.scorers import critical, finetune
+from tokensift.scorers import critical
 
 
 def test_contrastive_score_equals_the_normalised_likelihood_ratio():
@@ -41,33 +40,6 @@ def test_token_dpo_loss_both_forms_hand_computed():
         critical.token_dpo_loss(pc, pr, rc, rr, m, m, w, form="token")
 
 
-@pytest.mark.slow
-def test_critical_weight_peaks_at_the_wrong_operation(smollm2):
-    """Positive model tuned on correct sums, negative on trajectories that subtract instead: 1 - s_t is
-    highest at the '-' of a held-out rejected trajectory (the token that makes it wrong)."""
-    model, tok = smollm2
-    pairs = [(7, 5), (9, 4), (8, 3), (6, 2), (12, 7), (15, 6), (11, 8), (14, 9)]
-
-    def encode(a, b, op):
-        prompt = tok(f"Tom has {a} apples and gets {b} more. How many apples does he have?\n", add_special_tokens=False)["input_ids"]
-        res = a + b if op == "+" else a - b
-        resp = tok(f"He has {a} {op} {b} = {res} apples. The answer is {res}.", add_special_tokens=False)["input_ids"]
-        return np.asarray(prompt + resp), len(prompt)
-
-    good = [encode(a, b, "+") for a, b in pairs]
-    bad = [encode(a, b, "-") for a, b in pairs]
-    pos, neg = copy.deepcopy(model), copy.deepcopy(model)
-    for m, data in ((pos, good), (neg, bad)):
-        finetune.finetune_lm(m, [s for s, _ in data], np.array([p for _, p in data]), steps=6, lr=3e-4, batch_size=4, last_layers=2)
-    seq, p = encode(13, 4, "-")
-    w = critical.critical_weights(pos, neg, [seq], [p])[0]
-    assert len(w) == len(seq) and np.all(w[:p] == 0)
-    assert tok.decode([int(seq[int(np.argmax(w))])]).strip() == "-"
-    ok_seq, ok_p = encode(13, 4, "+")
-    w_ok = critical.critical_weights(pos, neg, [ok_seq], [ok_p])[0]
-    assert w_ok.max() < w.max()
-
-
 ANSWER = "He buys 3*4=<<3*4=12>>12 eggs.\nThen 12+5=<<12+5=17>>17.\n#### 17"
 
 
@@ -95,7 +67,8 @@ def test_rejected_answer_corrupts_the_final_number_or_one_step_deterministically
 @pytest.mark.slow
 def test_stage_tunes_its_models_and_weights_the_rejected_side_of_pairs(smollm2, tmp_path):
     """cDPO's contrastive estimation end to end: positive/negative copies of SmolLM2 tuned on correct and on
-    subtracting trajectories; the rejected side of a held-out pair gets its largest weight 1 - s_t on '-'."""
+    subtracting trajectories; the rejected side of a held-out pair gets its largest weight 1 - s_t on '-' (the
+    token that makes it wrong), and the correct side never gets a weight that high."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -122,3 +95,5 @@ def test_stage_tunes_its_models_and_weights_the_rejected_side_of_pairs(smollm2, 
     p = out.column("prompt_length").to_pylist()[0]
     assert len(w) == len(ids) and np.all(w[:p] == 0) and critical.CriticalStage.adds(params) == ["rejected_token_weights"]
     assert tok.decode([ids[int(np.argmax(w))]]).strip() == "-"
+    chosen = np.asarray(out.column("input_ids").to_pylist()[0])
+    assert critical.critical_weights(stage.pos, stage.neg, [chosen], [p])[0].max() < w.max()

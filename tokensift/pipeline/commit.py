@@ -5,7 +5,7 @@ block and every second it runs. So the driver hands each segment's dataset to on
 pinned to the driver's own node (losing a worker node never takes it down) and reserving no CPU. That task
 consumes the fragment records, commits each shard once its fragments tile the shard's rows (the marker file
 is the commit) and streams the markers back, a few hundred bytes per shard. The driver polls for them
-(:func:`stream_markers`), so its own cost is per shard, not per row or block.
+(:func:`stream_markers`), so its own cost is per shard, not per row or block, and it never imports Ray Data.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from tokensift.pipeline import driver_io, fs
 from tokensift.pipeline.fragments import tiling
@@ -46,12 +47,12 @@ def commit_shard(shard_dir: str, marker_path: str, fragments: list[dict], source
     return marker
 
 
-def run_segment(ds, shards: dict[int, tuple[str, str]], storage) -> Iterator[list[tuple[int, dict]]]:
-    """Ray generator task: execute ``ds`` and commit its shards; yields the ``(shard, marker)`` pairs of each
-    block of fragment records that completed shards.
+def run_segment(dataset: Callable[[], Any], shards: dict[int, tuple[str, str]], storage) -> Iterator[list[tuple[int, dict]]]:
+    """Ray generator task: build and execute the segment's dataset and commit its shards; yields the
+    ``(shard, marker)`` pairs of each block of fragment records that completed shards.
 
     Args:
-        ds: the segment's dataset, whose rows are fragment records.
+        dataset: builds the segment's Ray Data dataset, whose rows are fragment records.
         shards: ``{shard: (its directory, its marker path)}`` of every shard the segment runs.
         storage: the run's storage options.
     """
@@ -65,7 +66,7 @@ def run_segment(ds, shards: dict[int, tuple[str, str]], storage) -> Iterator[lis
         return commit_shard(shard_dir, marker_path, fragments[shard], sources[shard], storage)
 
     done: set[int] = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in dataset().iter_batches(batch_size=None, batch_format="pyarrow"):
         committed = []
         for record in batch.to_pylist():
             shard = record["shard"]
@@ -86,8 +87,8 @@ def run_segment(ds, shards: dict[int, tuple[str, str]], storage) -> Iterator[lis
         yield rest
 
 
-def stream_markers(ds, shards: dict[int, tuple[str, str]], storage, idle: Callable[[], None],
-                   poll_seconds: float = 0.5) -> Iterator[tuple[int, dict]]:
+def stream_markers(dataset: Callable[[], Any], shards: dict[int, tuple[str, str]], storage, idle: Callable[[], None],
+                   poll_seconds: float = 1.0) -> Iterator[tuple[int, dict]]:
     """Run :func:`run_segment` on this node and yield its ``(shard, marker)`` pairs as they come.
 
     The driver sleeps between polls (a blocking wait costs Ray's client CPU all along) and calls ``idle``
@@ -98,7 +99,7 @@ def stream_markers(ds, shards: dict[int, tuple[str, str]], storage, idle: Callab
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(run_segment).options(num_cpus=0, max_retries=0, scheduling_strategy=here)
-    markers = task.remote(ds, shards, storage)
+    markers = task.remote(dataset, shards, storage)
     while True:
         ready, _ = ray.wait([markers], timeout=0)
         if not ready:

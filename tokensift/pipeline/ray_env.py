@@ -69,20 +69,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
             log_to_driver=not _QUIET,
         )
     if _QUIET:
-        _quiet_ray_data()
         node = ray._private.worker._global_node  # None for a ray:// client, which has no native core worker
         if node is not None:
             _native_stderr_to(os.path.join(node.get_logs_dir_path(), "tokensift-driver.err"))
-
-
-def _quiet_ray_data() -> None:
-    """Ray Data logs to its ``ray-data.log`` only, without progress bars (tokensift draws its own)."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if type(handler).__name__ == "PlainRayHandler":  # its console handler; the file handlers stay
-            handler.setLevel(logging.CRITICAL)
 
 
 def _native_stderr_to(path: str) -> None:

@@ -31,13 +31,7 @@ from tokensift.pipeline.commit import stream_markers
 from tokensift.pipeline.fragments import TIME_PREFIX, FragmentSink
 from tokensift.pipeline.registry import StageEntry
 from tokensift.pipeline.resources import check_plan
-from tokensift.pipeline.segments import (
-    add_map_stages,
-    read_cpus,
-    read_kept_rows,
-    read_source_shard,
-    shard_reads,
-)
+from tokensift.pipeline.segments import read_kept_rows, read_source_shard, segment_dataset
 from tokensift.pipeline.selection import Keep, keep_of, run_select
 from tokensift.pipeline.workdir import WorkDir
 
@@ -112,17 +106,10 @@ def run(cfg, restart: bool = False) -> Path | str:
         from tokensift.pipeline.ray_env import ensure_ray
 
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-        import ray.data
+        import ray
 
         read = cfg.source.read_num_cpus
         check_plan(entries, read, ray.cluster_resources(), later_read_cpus=read)  # no silent hang: fail here
-
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = False  # fragments carry their rows' positions
-        # the driver's own progress bars and logs are tokensift's: Ray Data's cost driver CPU per wall second
-        context.enable_progress_bars = context.enable_operator_progress_bars = False
-        context.print_on_execution_start = False
-        context.target_max_block_size = int(cfg.ray.target_block_mb * 2**20)
         segments = _split(entries)
         if work.keep_segments(_segment_fingerprints(cfg, segments)) and work.markers(0):
             log.warning("resuming the interrupted run in %s", work.root)
@@ -153,8 +140,6 @@ class _Job:
 
     def segment(self, seg: int, maps: list[StageEntry], keep: Keep | None) -> dict[int, dict]:
         """Run segment ``seg`` over its uncommitted shards; returns every shard's marker."""
-        import ray.data
-
         done = self.work.markers(seg)
         pending = [s.index for s in self.shards if s.index not in done]
         if not pending:
@@ -170,12 +155,11 @@ class _Job:
             previous = self.work.markers(seg - 1)
             reads = [(partial(read_kept_rows, i, self._files(seg - 1, i, previous[i]), keep, segment, self.storage),
                       self.work.shard_dir(seg - 1, i)) for i in pending]
-        cpus = read_cpus(maps, src.read_num_cpus)
-        ds = ray.data.read_datasource(shard_reads(reads), override_num_blocks=len(reads), num_cpus=cpus)
-        ds = add_map_stages(ds, maps, FragmentSink(segment, self.storage, self.cfg.output.part_compression), cpus)
+        sink = FragmentSink(segment, self.storage, self.cfg.output.part_compression)
+        dataset = partial(segment_dataset, reads, maps, sink, src.read_num_cpus, int(self.cfg.ray.target_block_mb * 2**20))
         shards = {i: (self.work.shard_dir(seg, i), self.work.marker_path(seg, i)) for i in pending}
         with tqdm(total=len(pending), desc=f"segment {seg}", unit="shard") as bar:
-            for shard, marker in stream_markers(ds, shards, self.storage, self._beat):
+            for shard, marker in stream_markers(dataset, shards, self.storage, self._beat):
                 done[shard] = marker
                 bar.update(1)
         return done

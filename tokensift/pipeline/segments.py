@@ -146,3 +146,19 @@ def read_cpus(entries: list[StageEntry], default: float) -> float:
     """CPUs per read task: a first stage of task compute runs inside the read task, which takes its CPUs."""
     first = entries[0].resources if entries else None
     return first.num_cpus if first is not None and first.compute == "tasks" and not first.num_gpus else default
+
+
+def segment_dataset(reads: list[tuple[Callable[[], pa.Table], str]], maps: list[StageEntry], sink: FragmentSink,
+                    read_num_cpus: float, target_block_bytes: int):
+    """The segment's Ray Data dataset (built where it runs, in the segment's task): one read task per shard,
+    then the map stages, the last one writing through ``sink``; its rows are the fragment records."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = False  # fragments carry their rows' positions
+    context.enable_progress_bars = context.enable_operator_progress_bars = False  # tokensift draws its own
+    context.print_on_execution_start = False
+    context.target_max_block_size = target_block_bytes
+    cpus = read_cpus(maps, read_num_cpus)
+    ds = ray.data.read_datasource(shard_reads(reads), override_num_blocks=len(reads), num_cpus=cpus)
+    return add_map_stages(ds, maps, sink, cpus)

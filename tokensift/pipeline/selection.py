@@ -1,7 +1,8 @@
 """Select stages at scale: they run in Ray tasks with resources from config, never in the driver.
 
 ``score_threshold`` runs as a distributed two-pass (per-shard key histograms, then the rows of the one bin
-holding the cut: see ``tokensift.selectors.threshold``); the driver holds O(bins + rows of one bin). Every
+holding the cut: see ``tokensift.selectors.threshold``), coordinated by a task that holds O(bins + rows of
+one bin); the driver receives only its report and key rule. Every
 other select stage runs in one Ray task that reads the columns it needs from the committed fragments, selects,
 checks the ids and writes ``select<k>.parquet`` itself. The kept ids then reach the read tasks of the next
 segment once, as an object reference (:class:`Keep`).
@@ -118,8 +119,9 @@ def run_select(e: StageEntry, files: list[list[str]], out: str, storage) -> tupl
     opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, **({"memory": r.memory} if r.memory else {})}
     params = OmegaConf.to_object(e.params)
     start = time.perf_counter()
-    if e.spec.cls is threshold.ScoreThreshold:
-        report, rule = _threshold(params, files, out, storage, opts)
+    if e.spec.cls is threshold.ScoreThreshold:  # its coordinator is a task too: the cut bin's rows go there
+        task = ray.remote(_threshold).options(num_cpus=0)
+        report, rule = driver_io.get(task.remote(params, files, out, storage, opts))
     else:
         columns = [schema.ID] + [c for c in e.spec.needs(e.params) if c != schema.ID]
         task = ray.remote(_gathered_select).options(**opts)
@@ -138,15 +140,16 @@ def keep_of(path: str, rank_column: str | None, rule: dict | None, storage) -> K
 
 
 def _threshold(p, files: list[list[str]], out: str, storage, opts: dict) -> tuple[dict, dict]:
-    """score_threshold's two-pass over the shards, each pass a Ray task per shard."""
+    """Ray task: score_threshold's two-pass over the shards, each pass a Ray task per shard; returns the
+    report and the key rule the next segment's read tasks apply."""
     import ray
 
     summary, rows = ray.remote(_shard_summary).options(**opts), ray.remote(_shard_bin_rows).options(**opts)
     shards = [f for f in files if f]
     selection, cut = threshold.select_sharded(
         p,
-        lambda level, prefix: driver_io.get([summary.remote(f, p, level, prefix, storage) for f in shards]),
-        lambda cut: driver_io.get([rows.remote(f, p, cut, storage) for f in shards]),
+        lambda level, prefix: ray.get([summary.remote(f, p, level, prefix, storage) for f in shards]),
+        lambda cut: ray.get([rows.remote(f, p, cut, storage) for f in shards]),
     )
     _write_selection(out, selection.ids, selection.scores, storage)
     report = {"rows_in": cut.total_rows, "rows_out": selection.stats["kept_docs"], "stats": selection.stats}
