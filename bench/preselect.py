@@ -190,8 +190,10 @@ def measure(n: int, corpus: pa.Table, model: Path, tmp: Path) -> list[dict]:
             "anchor": round(busy * per_m, 1),
             "unit": "CPU-s/1M docs",
             "ratio": round(driver["cpu_seconds"] / busy, 3),
-            "note": f"ratio = driver share of all CPU; ours = the driver process's CPU time ({driver['cpu_seconds']:.2f} s) "
-            f"for the whole run; anchor = busy CPU-seconds of every process on the machine ({busy:.1f} s, /proc/stat)",
+            "note": f"ratio = driver share of all CPU; ours = the driver process's CPU time ({driver['cpu_seconds']:.2f} s "
+            f"over {wall:.0f} s wall, of which its main thread, tokensift's own work: {driver['main_thread_cpu_seconds']:.2f} s; "
+            f"the rest is Ray's client threads) for the whole run; anchor = busy CPU-seconds of every process on the "
+            f"machine ({busy:.1f} s, /proc/stat)",
         },
         {
             "measure": f"PreSelect chain: bytes the driver received per 1M docs vs the input's bytes ({common})",
