@@ -81,7 +81,7 @@ def run_segment(dataset: Callable[[], Any], shards: dict[int, tuple[str, str]], 
     for shard in [i for i in shards if i not in done]:  # shards that produced no rows
         marker = commit(shard)
         if marker is None:
-            raise RuntimeError(f"shard {shard} ended with rows missing from its fragments")
+            raise RuntimeError(f"{shards[shard][0]}: the shard ended with rows missing from its fragments")
         rest.append((shard, marker))
     if rest:
         yield rest

@@ -49,7 +49,3 @@ def read_json(path: str, storage=None) -> Any:
     data = fs.read_bytes(path, storage)
     DriverIO.received += len(data)
     return json.loads(data)
-
-
-def count(nbytes: int) -> None:
-    DriverIO.received += nbytes
