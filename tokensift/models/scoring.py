@@ -16,6 +16,8 @@ the offline token scorers (through :func:`token_losses`).
   there is never more than one chunk of full-vocabulary logits, and none at padded positions. A model
   whose logits are more than ``lm_head(h)`` (soft-capping, scaling) is detected once, by comparing with
   its own forward pass, and scored from its full logits instead (still chunked).
+- **Prepacked weights on CPUs.** In fp32 on a CPU every linear layer multiplies by its oneDNN-prepacked
+  weight (``packed.py``), not through MKL's per-call packing.
 - ``torch.inference_mode``; inside a Ray worker, torch threads = the CPUs Ray gave it
   (:func:`use_assigned_cpus`).
 """
@@ -29,6 +31,8 @@ import weakref
 
 import numpy as np
 import torch
+
+from tokensift.models.packed import packs_linears
 
 DEFAULT_MAX_TOKENS = 4096  # padded positions per forward pass on CPUs; GPUs want 16k-64k
 LOSS_CHUNK = 256  # positions whose full-vocabulary logits exist at once
@@ -148,6 +152,7 @@ def context_limit(model) -> int:
 
 
 @torch.inference_mode()
+@packs_linears
 def token_losses(
     model, sequences: list[list[int]], batch_size: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> list[np.ndarray]:
@@ -185,6 +190,7 @@ def token_losses(
 
 
 @torch.inference_mode()
+@packs_linears
 def prefix_token_losses(
     model, prefix: list[int], suffixes: list[list[int]], batch_size: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> list[np.ndarray]:
