@@ -37,54 +37,6 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(r) + " |" for r in rows]]
 
 
-def selection_section(results: dict, domains: list[str], target: str, baseline: str = "random") -> list[str]:
-    """Per arm: snapshot tokens and domain mix, held-out bits/byte per domain and on the target, verdict."""
-    arms = {a: r for a, r in results.items() if "runs" in r}
-    rows, notes = [], []
-    for arm, r in arms.items():
-        runs = r["runs"]
-        share = r["snapshot"]["domain_share"]
-        cells = [arm, f"{r['snapshot']['tokens']:,}", " / ".join(f"{100 * share[d]:.0f}" for d in domains)]
-        cells += [fmt([x["bits"][d] for x in runs]) for d in domains]
-        cells += [fmt([x["bits"]["mean"] for x in runs])]
-        if arm != baseline and baseline in arms:
-            base = arms[baseline]["runs"]
-            cells.append(verdict([x["bits"][target] for x in runs], [x["bits"][target] for x in base]))
-            cells.append(verdict([x["bits"]["mean"] for x in runs], [x["bits"]["mean"] for x in base]))
-        else:
-            cells += ["—", "—"]
-        rows.append(cells)
-    for arm, r in results.items():
-        if "unavailable" in r:
-            notes.append(f"- **{arm}**: unavailable: {r['unavailable']}")
-    header = ["arm", "snapshot tokens", "% tokens " + " / ".join(domains)]
-    header += [f"{d}{' (target)' if d == target else ''} bits/byte" for d in domains]
-    header += ["mean over domains", f"target vs {baseline}", f"mean vs {baseline}"]
-    return table(header, rows) + ([""] + notes if notes else [])
-
-
-def token_section(results: dict, baseline: str = "plain") -> list[str]:
-    arms = {a: r for a, r in results.items() if "runs" in r}
-    if not arms:
-        return [f"- **{a}**: unavailable: {r['unavailable']}" for a, r in results.items()]
-    evals = list(next(iter(arms.values()))["runs"][0]["loss"])
-    rows = []
-    for arm, r in arms.items():
-        runs = r["runs"]
-        cells = [arm] + [fmt([x["loss"][e] for x in runs]) for e in evals]
-        cells += [fmt([x["backprop_tokens"] / x["tokens"] for x in runs], 2), f"{runs[0]['tokens']:,}",
-                  fmt([x["seconds"] for x in runs], 1)]
-        if arm != baseline and baseline in arms:
-            cells += [verdict([x["loss"][e] for x in runs], [x["loss"][e] for x in arms[baseline]["runs"]]) for e in evals]
-        else:
-            cells += ["—"] * len(evals)
-        rows.append(cells)
-    header = ["arm"] + [f"{e} loss (nats/token)" for e in evals]
-    header += ["share of tokens back-propagated", "tokens seen", "wall s"] + [f"{e} vs {baseline}" for e in evals]
-    notes = [f"- **{a}**: unavailable: {r['unavailable']}" for a, r in results.items() if "unavailable" in r]
-    return table(header, rows) + ([""] + notes if notes else [])
-
-
 def moe_section(moe: dict) -> list[str]:
     """One row per balancing mode, one column per metric of ``bench.moe_specialisation.evaluate``."""
     if "unavailable" in moe:

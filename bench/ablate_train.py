@@ -100,3 +100,27 @@ def heldout_loss(model: torch.nn.Module, eval_snapshot: Path, seq_len: int, batc
     if weight == 0:
         raise ValueError(f"{eval_snapshot}: no scored token in the evaluation batches (too few tokens for one batch?)")
     return total / weight
+
+
+def eval_snapshots(work: Path, target: str, domains) -> dict[str, Path]:
+    """Byte-token evaluation snapshots, one per domain: its heldout rows (for ``target``, the evaluation half
+    only: the other half may steer a selector)."""
+    from bench.ablate_select import read_split, target_split
+    from tokensift.pipeline.tokenize import TokenizeParams
+
+    out = {}
+    for d in domains:
+        table = read_split(True, [d])
+        table = target_split(table)[1] if d == target else table
+        out[d] = write_eval_snapshot(table, Path(work) / "eval_bytes" / d, TokenizeParams(tokenizer="byte", max_length=4096))
+    return out
+
+
+def arm_bits(snapshot: Path, out_dir: Path, seed: int, steps: int, evals: dict[str, Path], eval_batches: int) -> dict:
+    """Train ``examples/ablate/train.yaml`` on ``snapshot`` for ``steps`` steps; :func:`train_arm`'s stats plus
+    ``bits``: held-out bits per byte per domain and their ``mean``."""
+    model, stats = train_arm(snapshot, out_dir, seed, [f"max_steps={steps}"])
+    stats["bits"] = {d: bits(heldout_loss(model, e, model.config.block_size, max_batches=eval_batches))
+                     for d, e in evals.items()}
+    stats["bits"]["mean"] = sum(stats["bits"][d] for d in evals) / len(evals)
+    return stats

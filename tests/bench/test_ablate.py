@@ -1,12 +1,11 @@
 """Pieces of the ablation harness (bench/ablate*.py) that do not need the whole run: the equal-token-budget
-cut, the target split, the verdict, SHAD's response mask, and training + held-out evaluation of a 2-layer GPT
-and of the token arms' HF decoder (with ssToken's attention term) with the DeepSpeed trainer on real text."""
+cut, the target split, the verdict, PreSelect's family scoring, the byte LM's tokenizer, the report's reading
+bound to its run, and training + held-out evaluation of a 2-layer GPT with the DeepSpeed trainer on real text."""
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # bench/ is a top-level package of the repository, not installed
-
-from bench.ablate_report import verdict  # noqa: E402
-from bench.ablate_select import budget_cut, docs_for_budget, target_split  # noqa: E402
-from bench.ablate_tokens import response_mask, tiny_decoder  # noqa: E402
-from bench.ablate_train import heldout_loss, train_arm, write_eval_snapshot  # noqa: E402
-from tokensift.pipeline.tokenize import TokenizeParams  # noqa: E402
+from bench import ablate
+from bench.ablate_family import cut, gpt_nll
+from bench.ablate_report import verdict
+from bench.ablate_select import budget_cut, ranked_by_score, target_split
+from bench.ablate_train import heldout_loss, train_arm, write_eval_snapshot
+from tokensift.pipeline.tokenize import TokenizeParams
 
 TINY = ["model.gpt.n_embd=32", "model.gpt.n_head=2", "model.gpt.block_size=64", "data.seq_len=64",
         "data.micro_batch_size=4", "optim.lr=1e-2", "optim.warmup_steps=2"]
@@ -46,13 +43,6 @@ def test_budget_cut_is_the_shortest_prefix_reaching_the_budget():
         budget_cut(["a", "z"], tokens, 100)
 
 
-def test_docs_for_budget_covers_the_worst_case():
-    tokens = {"a": 5, "b": 3, "c": 10, "d": 1}
-    assert docs_for_budget(tokens, 8) == 3  # smallest two hold 1 + 3 = 4 < 8, smallest three 9
-    assert docs_for_budget(tokens, 9) == 3
-    assert docs_for_budget(tokens, 100) == 4
-
-
 def test_target_split_is_disjoint_complete_and_stable(sample_dir):
     table = pq.read_table(sample_dir / "heldout" / "math.parquet")
     targets, evaluation = target_split(table)
@@ -68,12 +58,6 @@ def test_verdict_uses_twice_the_standard_error():
     assert verdict([2.0, 2.1, 1.9], [1.0, 1.1, 0.9]).startswith("worse")
     assert verdict([1.0, 1.5, 0.5], [1.1, 1.6, 0.6]).startswith("no clear difference")
     assert verdict([0.5, 0.6], [0.7, 0.8], lower_is_better=False).startswith("worse")
-
-
-def test_response_mask_keeps_both_shad_classes():
-    w = pa.array([[0.0, 0.0, 0.5, 1.0], [0.0, 1.0, 0.5]], pa.list_(pa.float32()))
-    t = response_mask(pa.table({"token_weights": w}))
-    assert t.column("token_weights").to_pylist() == [[0, 0, 1, 1], [0, 1, 1]]
 
 
 def test_eval_snapshot_masks_prompts(sample_dir, tmp_path):
@@ -103,18 +87,56 @@ def test_train_and_heldout_loss_on_a_2_layer_gpt(sample_dir, tmp_path):
     assert trained < math.log(257) - 1.0  # learned English bytes from 12 steps
 
 
-def test_token_arms_decoder_trains_with_full_sstoken(sample_dir, tmp_path):
-    """The token arms' HF decoder: full ssToken (gamma 0.5, with attention to the prompt) back-propagates
-    about rho = 0.6 of what plain training does on the same batches; held-out loss reads HF logits."""
-    params = TokenizeParams(tokenizer="byte", prompt_column="prompt", response_column="response", max_length=1000)
-    train = write_eval_snapshot(pq.read_table(sample_dir / "math.parquet").slice(0, 40), tmp_path / "train", params,
-                                mask_prompt=True)
-    decoder = tiny_decoder(tmp_path / "decoder", vocab=257, seq_len=64, layers=1, width=32)
-    common = ["max_steps=4", "model.kind=hf", f"model.path={decoder}", "data.seq_len=64", "data.micro_batch_size=4"]
-    _, plain = train_arm(train, tmp_path / "plain", 0, common)
-    model, scored = train_arm(train, tmp_path / "sstoken", 0, [*common, "scorer.name=sstoken"])
-    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
-    assert scored["tokens"] == plain["tokens"] == 4 * 4 * 64
-    assert 0.5 * plain["backprop_tokens"] < scored["backprop_tokens"] < 0.7 * plain["backprop_tokens"]
-    loss = heldout_loss(model, train, 64, batch_size=4, max_batches=2)
-    assert abs(loss - math.log(257)) < 1.0  # near uniform over bytes after 4 steps from a random init
+def test_family_scores_the_same_prefix_under_every_model():
+    text = "é" * 200  # 2 bytes a character: 127 whole characters fit 255 bytes, never half of one
+    assert cut(text) == "é" * 127 and cut("short") == "short"
+    torch.manual_seed(0)
+    from tokensift.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    texts = ["abc", "hello world", "x"]
+    got = gpt_nll(model, texts, rows=2)  # padded batches of 2 and 1
+    for text, nll in zip(texts, got, strict=True):
+        ids = torch.tensor([[256, *text.encode()]])
+        with torch.no_grad():
+            expected = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:], reduction="sum")
+        assert nll == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="longer than the GPT's context"):
+        gpt_nll(model, ["y" * 16])
+
+
+def test_ranking_is_by_descending_score_then_id(tmp_path):
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": ["c", "a", "b", "d"], "s": [0.5, 0.9, 0.5, 0.1]}), tmp_path / "data" / "p.parquet")
+    assert ranked_by_score(tmp_path, "s") == ["a", "b", "c", "d"]
+
+
+def test_a_reading_is_shown_only_under_the_run_it_reads(tmp_path, monkeypatch):
+    reading = tmp_path / "reading.md"
+    monkeypatch.setattr(ablate, "READING", reading)
+    monkeypatch.setattr(ablate, "HERE", tmp_path)
+    reading.write_text("Run: 2026-12-01T00:00:00Z\nPreSelect wins on math.\n")
+    assert "PreSelect wins on math." in ablate._reading("2026-12-01T00:00:00Z")
+    stale = "\n".join(ablate._reading("2026-12-02T00:00:00Z"))
+    assert "PreSelect wins" not in stale and "No reading of run 2026-12-02T00:00:00Z yet" in stale
+
+
+def test_default_report_path_is_the_whole_full_run_only():
+    assert ablate.parse([]).out == ablate.HERE / "ablations.md"
+    assert ablate.parse(["--parts", "votek"]).out == Path("runs/ablate/votek.md")
+    assert ablate.parse(["--quick"]).out.name == "-".join(ablate.PARTS) + "-quick.md"
+
+
+def test_byte_lm_tokenizer_gives_the_byte_tokenizers_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from bench.ablate_bytelm import byte_tokenizer, initial_model
+    from tokensift.pipeline.tokenize import Tokenize, TokenizeParams
+
+    text = "Héllo wörld\n\t  $x_1$ 漢字"
+    path = initial_model(tmp_path / "lm", layers=1, width=16, heads=2, context=32)
+    for tok in (byte_tokenizer(), AutoTokenizer.from_pretrained(path)):
+        assert tok(text, add_special_tokens=False)["input_ids"] == list(text.encode())
+        assert tok.decode(list(text.encode())) == text and tok.eos_token_id == 256
+    piped = Tokenize(TokenizeParams(tokenizer="byte"))(pa.table({"id": ["a"], "text": [text]}))
+    assert piped.column("input_ids").to_pylist()[0] == [*text.encode(), 256]

@@ -189,6 +189,36 @@ def token_losses(
     return out
 
 
+def prefix_cache(model, prefix: list[int]):
+    """One pass over ``prefix`` (LM head at its last position only): ``(last, head, kv)``, its last final
+    state (``head(last)`` are its logits; ``head`` as :func:`final_states`) and each layer's ``(keys, values)``."""
+    ids = torch.tensor([list(prefix)], device=_device(model))
+    last, head, out = final_states(model, last_only=True, input_ids=ids, use_cache=True)
+    return last, head, [(layer.keys, layer.values) for layer in getattr(out, _cache_keyword(model)).layers]
+
+
+def suffix_states(model, kv, ids: torch.Tensor, mask: torch.Tensor | None):
+    """``(states, head)`` of right-padded ``ids`` (``mask``: their attention mask, ``None`` = all ones) behind
+    a cached prefix ``kv`` (:func:`prefix_cache`), expanded over the batch without copying."""
+    from transformers import DynamicCache
+
+    (n, width), n_prefix = ids.shape, kv[0][0].shape[-2]
+    full_mask = torch.ones(n, n_prefix + width, dtype=torch.long, device=ids.device)
+    if mask is not None:
+        full_mask[:, n_prefix:] = mask
+    cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv],
+                         config=model.config)
+    states, head, _ = final_states(
+        model,
+        input_ids=ids,
+        attention_mask=full_mask,
+        position_ids=torch.arange(n_prefix, n_prefix + width, device=ids.device).expand(n, -1),
+        use_cache=True,
+        **{_cache_keyword(model): cache},
+    )
+    return states, head
+
+
 @torch.inference_mode()
 @packs_linears
 def prefix_token_losses(
@@ -209,17 +239,12 @@ def prefix_token_losses(
         batch_size: at most this many suffixes per forward pass (``None``: only ``max_tokens``).
         max_tokens: padded suffix positions per forward pass.
     """
-    from transformers import DynamicCache
-
     if not prefix:
         raise ValueError("prefix_token_losses needs a non-empty prefix (use token_losses without one)")
     device, limit = _device(model), context_limit(model)
     prefix = list(prefix[: limit - 1])
-    n_prefix = len(prefix)
-    cache_kw = _cache_keyword(model)
-    last, head, out_prefix = final_states(model, last_only=True, input_ids=torch.tensor([prefix], device=device), use_cache=True)
-    prefix_kv = [(layer.keys, layer.values) for layer in getattr(out_prefix, cache_kw).layers]
-    seqs = [list(s[: limit - n_prefix]) for s in suffixes]
+    last, head, kv = prefix_cache(model, prefix)
+    seqs = [list(s[: limit - len(prefix)]) for s in suffixes]
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(seqs)
     for idx in token_batches([len(s) for s in seqs], max_tokens, batch_size):
         idx = [i for i in idx if seqs[i]]
@@ -227,22 +252,8 @@ def prefix_token_losses(
             continue
         rows = [seqs[i] for i in idx]
         ids, mask = pad(rows, device)
-        n, width = ids.shape
-        full_mask = torch.ones(n, n_prefix + width, dtype=torch.long, device=device)
-        if mask is not None:
-            full_mask[:, n_prefix:] = mask
-        cache = DynamicCache(
-            ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv], config=model.config
-        )
-        states, _, _ = final_states(
-            model,
-            input_ids=ids,
-            attention_mask=full_mask,
-            position_ids=torch.arange(n_prefix, n_prefix + width, device=device).expand(n, -1),
-            use_cache=True,
-            **{cache_kw: cache},
-        )
-        states = torch.cat([last.expand(n, 1, -1), states[:, :-1]], dim=1)  # position t predicts suffix token t
+        states, _ = suffix_states(model, kv, ids, mask)
+        states = torch.cat([last.expand(len(rows), 1, -1), states[:, :-1]], dim=1)  # position t predicts suffix token t
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         losses = target_losses(states[valid], ids[valid], head)
         for i, lo in zip(idx, split_rows(losses, [len(r) for r in rows]), strict=True):
