@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.ablate_train import write_snapshot
 from tokensift.config import RunConfig, load, to_yaml
 from tokensift.pipeline import schema
-from tokensift.pipeline.shards import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "ablate"
@@ -144,11 +144,9 @@ class Pool:
         t = read_snapshot(self.path)
         rows = {doc: i for i, doc in enumerate(self.ids)}
         t = t.take(pa.array([rows[d] for d in kept]))
-        (out / "data").mkdir(parents=True, exist_ok=True)
-        pq.write_table(t, out / "data" / "train-00000-of-00001.parquet")
         tokens = sum(self.tokens[d] for d in kept)
         share = {d: sum(self.tokens[k] for k in kept if self.domain[k] == d) / max(tokens, 1) for d in DOMAINS}
         stats = {"docs": len(kept), "tokens": tokens, "budget": budget, "reached": tokens >= budget,
                  "domain_share": share}
-        write_manifest(str(out), source=str(self.path), selection=stats)
+        write_snapshot(t, out, source=str(self.path), selection=stats)
         return stats

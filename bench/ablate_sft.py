@@ -23,11 +23,8 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tokensift.config import load
-from tokensift.pipeline.shards import write_manifest
 from tokensift.trainers.config import TrainConfig
 from tokensift.trainers.metrics import read_metrics
 
@@ -49,14 +46,6 @@ def flops_per_token(config, k: int, seq_len: int) -> tuple[float, float]:
     forward = 2.0 * (L * p_layer + V * d) + 2.0 * L * seq_len * d
     backward = 2.0 * (2 * k * p_layer + 2 * k * seq_len * d) + 2.0 * V * d
     return forward, backward
-
-
-def write_snapshot(table: pa.Table, out: Path) -> Path:
-    """``table`` as a one-shard snapshot (``out/data``, ``out/manifest.json``) the loaders read."""
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "data" / "train-00000-of-00001.parquet")
-    write_manifest(str(out))
-    return out
 
 
 def train_config(snapshot: Path, out_dir: Path, seed: int, overrides: list[str]) -> TrainConfig:

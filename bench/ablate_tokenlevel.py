@@ -52,8 +52,8 @@ from bench.ablate_sft import (
     top_layers_copy,
     train_config,
     train_run,
-    write_snapshot,
 )
+from bench.ablate_train import write_snapshot
 
 TITLE = "5. Token level on a pretrained model: ssToken, SHAD/RFT and cDPO fine-tuning SmolLM2; ESLM at equal FLOPs"
 FULL = {"seeds": [0, 1, 2], "steps": 12, "cpt_steps": 12, "eval_rows": 12, "tune_steps": 8}

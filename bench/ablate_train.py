@@ -68,7 +68,6 @@ def write_eval_snapshot(table: pa.Table, out: Path, tokenizer_params, mask_promp
     prompt tokens get ``token_weights`` 0 so only responses are scored."""
     import numpy as np
 
-    from tokensift.pipeline.shards import write_manifest
     from tokensift.pipeline.tokenize import Tokenize
 
     t = Tokenize(tokenizer_params)(table)
@@ -77,11 +76,18 @@ def write_eval_snapshot(table: pa.Table, out: Path, tokenizer_params, mask_promp
         plens = t.column(schema.PROMPT_LENGTH).to_pylist()
         w = [np.r_[np.zeros(p, np.float32), np.ones(n - p, np.float32)] for n, p in zip(lengths, plens, strict=True)]
         t = t.append_column(schema.TOKEN_WEIGHTS, schema.ragged_column(w, schema.TOKEN_WEIGHTS_TYPE))
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(t.select([c for c in t.column_names if c in (schema.ID, schema.INPUT_IDS, schema.TOKEN_WEIGHTS)]),
-                   out / "data" / "train-00000-of-00001.parquet")
-    write_manifest(out)
-    return out
+    return write_snapshot(t.select([c for c in t.column_names if c in (schema.ID, schema.INPUT_IDS, schema.TOKEN_WEIGHTS)]),
+                          out)
+
+
+def write_snapshot(table: pa.Table, out: Path, **fields) -> Path:
+    """``table`` as a one-shard snapshot (``out/data``, ``out/manifest.json`` with ``fields``) the loaders read."""
+    from tokensift.pipeline.shards import write_manifest
+
+    (Path(out) / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, Path(out) / "data" / "train-00000-of-00001.parquet")
+    write_manifest(str(out), **fields)
+    return Path(out)
 
 
 @torch.no_grad()
