@@ -16,7 +16,8 @@ The report (``--out``: ``bench/ablations.md`` for the whole run, ``runs/ablate/<
 and its ``.json`` twin are rewritten after every part, so an interrupted run keeps what it measured; a part
 that fails says ``unavailable: <error>`` and the others still run. Every run has an id; the hand-written
 reading (``bench/ablate_reading.md``) is appended only when its first line names that id, so a rerun never
-shows an old reading under new numbers.
+shows an old reading under new numbers. ``--render`` rewrites the report from its JSON twin (no measuring),
+which is how the reading is attached once written.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "every part, runs/ablate/<parts>.md otherwise)")
     p.add_argument("--work", type=Path, default=Path("runs/ablate"), help="scratch and cache directory")
     p.add_argument("--fresh", action="store_true", help="delete --work first: a from-scratch run")
+    p.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from its .json twin "
+                   "(after writing the reading)")
     args = p.parse_args(argv)
     if args.out is None:
         whole = list(args.parts) == list(PARTS) and not args.quick
@@ -69,6 +72,17 @@ class Report:
                      "machine": machine(), "mode": "quick" if args.quick else "full", "from_scratch": from_scratch}
         self.parts: dict[str, dict] = {}
 
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> Report:
+        """The report of an earlier run, from the JSON twin of ``args.out``."""
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        report = cls.__new__(cls)
+        report.args, report.parts = args, saved.pop("parts")
+        report.meta, report.run_id = saved, saved["run_id"]
+        seconds = sum(p["seconds"] for p in report.parts.values())  # runs saved before wall_minutes existed
+        report.start = time.time() - 60 * saved.get("wall_minutes", seconds / 60)
+        return report
+
     def add(self, name: str, data: dict, seconds: float) -> None:
         self.parts[name] = {"seconds": round(seconds), "data": data}
         self.write()
@@ -86,7 +100,8 @@ class Report:
         lines += _reading(self.run_id)
         self.args.out.parent.mkdir(parents=True, exist_ok=True)
         self.args.out.write_text("\n".join(lines) + "\n")
-        self.args.out.with_suffix(".json").write_text(json.dumps({**m, "parts": self.parts}, indent=1, default=str))
+        saved = {**m, "wall_minutes": round(minutes, 1), "parts": self.parts}
+        self.args.out.with_suffix(".json").write_text(json.dumps(saved, indent=1, default=str))
 
 
 def _module(name: str):
@@ -114,6 +129,10 @@ def _reading(run_id: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.render:
+        Report.load(args).write()
+        print(f"wrote {args.out}")
+        return 0
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
     if args.fresh and args.work.exists():

@@ -4,6 +4,7 @@ bound to its run, and training + held-out evaluation of a 2-layer GPT with the D
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -119,6 +120,20 @@ def test_a_reading_is_shown_only_under_the_run_it_reads(tmp_path, monkeypatch):
     assert "PreSelect wins on math." in ablate._reading("2026-12-01T00:00:00Z")
     stale = "\n".join(ablate._reading("2026-12-02T00:00:00Z"))
     assert "PreSelect wins" not in stale and "No reading of run 2026-12-02T00:00:00Z yet" in stale
+
+
+def test_render_rewrites_the_report_from_its_json_with_the_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "READING", tmp_path / "reading.md")
+    monkeypatch.setattr(ablate, "HERE", tmp_path)
+    out = tmp_path / "report.md"
+    meta = {"run_id": "2026-12-01T00:00:00Z", "command": "python -m bench.ablate", "machine": "m", "mode": "full",
+            "from_scratch": True, "wall_minutes": 71.4, "parts": {"votek": {"seconds": 60, "data": {"unavailable": "x"}}}}
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    (tmp_path / "reading.md").write_text("Run: 2026-12-01T00:00:00Z\nvote-k wins at k=5.\n")
+    assert ablate.main(["--render", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "wall time 71.4 min" in text and "Unavailable: x" in text and "vote-k wins at k=5." in text
+    assert json.loads(out.with_suffix(".json").read_text())["parts"] == meta["parts"]
 
 
 def test_default_report_path_is_the_whole_full_run_only():
