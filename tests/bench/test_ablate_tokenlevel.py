@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from bench.ablate_sft import flops_per_token, run_cost
-from bench.ablate_tokenlevel import critical_auroc, equal_flops_step, first_difference, inject_error
+from bench.ablate_tokendata import critical_auroc, first_difference, inject_error
+from bench.ablate_tokenlevel import equal_flops_step
 
 GSM = "He has 3 + 4 = <<3+4=7>>7 apples.\nThen 7 * 2 = <<7*2=14>>14.\n#### 14"
 
