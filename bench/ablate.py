@@ -79,8 +79,7 @@ class Report:
         report = cls.__new__(cls)
         report.args, report.parts = args, saved.pop("parts")
         report.meta, report.run_id = saved, saved["run_id"]
-        seconds = sum(p["seconds"] for p in report.parts.values())  # runs saved before wall_minutes existed
-        report.start = time.time() - 60 * saved.get("wall_minutes", seconds / 60)
+        report.start = time.time() - 60 * saved["wall_minutes"]
         return report
 
     def add(self, name: str, data: dict, seconds: float) -> None:

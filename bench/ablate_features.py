@@ -112,10 +112,9 @@ def mod(seeds: list[int], lengths: list[int], heldout_windows: int, work: Path, 
 
     train_texts, heldout_texts = load_texts(False, bm.SEQ_LEN), load_texts(True, bm.SEQ_LEN)
     heldout, _ = windows(heldout_texts, heldout_windows, bm.SEQ_LEN, np.random.default_rng(123))
-    base = dict(vocab_size=256, block_size=bm.SEQ_LEN, n_layer=8, n_head=4, n_embd=96, dropout=0.0)  # bench.mod's
-    config = {False: GPTConfig(**base), True: GPTConfig(**base, mod=MoDConfig())}
+    config = {False: GPTConfig(**bm.MODEL), True: GPTConfig(**bm.MODEL, mod=MoDConfig())}
     flops = {routed: GPT(c).flops_per_token() for routed, c in config.items()}
-    tokens_per_step = 8 * bm.SEQ_LEN  # bench.mod._train's batch
+    tokens_per_step = bm.BATCH * bm.SEQ_LEN
 
     def train(job: dict) -> dict:
         routed = job["arm"] != "dense"

@@ -81,22 +81,21 @@ def _eval_snapshots(work: Path, tables: list[pa.Table]) -> dict[str, Path]:
 
 
 def _sft(pool, lm: Path, arm: str, order: list[str], seed: int, size: dict, evals: dict, work: Path) -> dict:
-    from bench.ablate_train import bits, heldout_loss, train_arm
+    from bench.ablate_train import arm_bits
 
     snap = work / "snap" / f"{arm}-s{seed}"
     stats = pool.snapshot(pool.random(seed) if arm == "random" else order, snap)
-    model, run = train_arm(snap, work / "sft" / f"{arm}-s{seed}", seed, [
+    run = arm_bits(snap, work / "sft" / f"{arm}-s{seed}", seed, [
         "model.kind=hf", f"model.path={lm}", f"data.seq_len={LM['seq_len']}", "data.micro_batch_size=8",
-        "data.mask_prompt=true", f"max_steps={size['sft_steps']}", "optim.lr=5e-4", "optim.warmup_steps=5"])
-    loss = {d: bits(heldout_loss(model, e, LM["seq_len"], batch_size=8, max_batches=size["eval_batches"]))
-            for d, e in evals.items()}
-    return {"bits": {**loss, "mean": float(np.mean(list(loss.values())))}, "snapshot": stats, "seconds": run["seconds"]}
+        "data.mask_prompt=true", f"max_steps={size['sft_steps']}", "optim.lr=5e-4", "optim.warmup_steps=5"],
+        evals, size["eval_batches"], seq_len=LM["seq_len"], batch_size=8)
+    return {"bits": run["bits"], "snapshot": stats, "seconds": run["seconds"]}
 
 
 def _icon_stats(snapshot: Path) -> dict:
     """The ``icon`` stage's report in the snapshot's manifest, and the Significance spread of the scored rows."""
     manifest = json.loads((snapshot / "manifest.json").read_text())
-    report = next(s for s in _dicts(manifest) if "significance_threshold" in s)
+    report = next(s["stats"] for s in manifest["stages"] if s["name"] == "icon")
     t = pq.read_table(snapshot / "data", columns=["icon_significance"]).column(0).to_numpy(zero_copy_only=False)
     sig = t[~np.isnan(t)]
     return {**{k: report.get(k) for k in ("scored", "positives", "significance_threshold", "train_rows", "test_rows",
@@ -105,18 +104,8 @@ def _icon_stats(snapshot: Path) -> dict:
             "significance_std": float(sig.std(ddof=1)) if len(sig) > 1 else None}
 
 
-def _dicts(node):
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _dicts(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _dicts(v)
-
-
 def section(data: dict) -> list[str]:
-    size, lm, ic, arms = data["size"], data["lm"], data["icon"], data["arms"]
+    size, lm, ic = data["size"], data["lm"], data["icon"]
     f = {k: "—" if v is None else f"{v:.3f}" for k, v in ic.items() if k not in ("scored", "positives", "test_rows")}
     lines = [
         f"Target LM: a byte-level Llama ({lm['layers']} layers x {lm['width']}, context {lm['seq_len']}) pretrained "
@@ -132,13 +121,5 @@ def section(data: dict) -> list[str]:
         f"{data['seeds']} seeds; held-out response loss in bits per byte on the evaluation halves, mean ± std.", "",
     ]
     keys = [*DOMAINS, "mean"]
-    rows = []
-    for arm, runs in arms.items():
-        share = {d: np.mean([x["snapshot"]["domain_share"][d] for x in runs]) for d in DOMAINS}
-        cells = [arm, " / ".join(f"{100 * share[d]:.0f}" for d in DOMAINS)]
-        cells += [r.fmt([x["bits"][k] for x in runs]) for k in keys]
-        cells += ["—"] * len(keys) if arm == "random" else [
-            r.verdict([x["bits"][k] for x in runs], [x["bits"][k] for x in arms["random"]]) for k in keys]
-        rows.append(cells)
     header = ["arm", "% tokens " + " / ".join(DOMAINS), *[f"{k} bits/byte" for k in keys], *[f"{k} vs random" for k in keys]]
-    return lines + r.table(header, rows)
+    return lines + r.table(header, r.budget_rows(data["arms"], DOMAINS, keys))

@@ -57,8 +57,8 @@ def run(quick: bool, work: Path, log=print) -> dict:
         for seed in range(SEEDS):
             snap = work / "snap" / f"{arm}-s{seed}"
             stats = pool.snapshot(pool.random(seed) if arm == "random" else order, snap)
-            runs.append({**arm_bits(snap, work / "train" / f"{arm}-s{seed}", seed, size["steps"], evals,
-                                    size["eval_batches"]), "snapshot": stats})
+            runs.append({**arm_bits(snap, work / "train" / f"{arm}-s{seed}", seed, [f"max_steps={size['steps']}"],
+                                    evals, size["eval_batches"]), "snapshot": stats})
         arms[arm] = runs
         log(f"preselect: arm {arm} trained ({SEEDS} seeds)")
     info = {n: {"params": sum(p.numel() for p in (m[0] if isinstance(m, tuple) else m).parameters()),
@@ -127,15 +127,6 @@ def section(data: dict) -> list[str]:
         f"of `examples/ablate/train.yaml` trained {size['steps']} steps per seed, {data['seeds']} seeds; "
         f"held-out bits per byte (target: the evaluation half of heldout/{target}), mean ± std over seeds.", "",
     ]
-    arms, header = data["arms"], ["arm", "% tokens " + " / ".join(domains)]
-    header += [f"{d} bits/byte" for d in domains] + ["mean", f"{target} vs random", "mean vs random"]
-    rows = []
-    for arm, runs in arms.items():
-        share = {d: np.mean([x["snapshot"]["domain_share"][d] for x in runs]) for d in domains}
-        cells = [arm, " / ".join(f"{100 * share[d]:.0f}" for d in domains)]
-        cells += [r.fmt([x["bits"][d] for x in runs]) for d in [*domains, "mean"]]
-        base = arms["random"]
-        cells += ["—", "—"] if arm == "random" else [
-            r.verdict([x["bits"][k] for x in runs], [x["bits"][k] for x in base]) for k in (target, "mean")]
-        rows.append(cells)
-    return lines + r.table(header, rows)
+    header = ["arm", "% tokens " + " / ".join(domains), *[f"{d} bits/byte" for d in domains], "mean",
+              f"{target} vs random", "mean vs random"]
+    return lines + r.table(header, r.budget_rows(data["arms"], domains, (target, "mean")))

@@ -25,7 +25,12 @@ def verdict(ours: list[float], base: list[float], lower_is_better: bool = True) 
     d = mo - mb
     if len(ours) < 2 or len(base) < 2:
         return f"{'lower' if d < 0 else 'higher'} by {abs(d):.3f} (1 seed: no spread)"
-    se = math.sqrt(so**2 / len(ours) + sb**2 / len(base))
+    return judge(d, math.sqrt(so**2 / len(ours) + sb**2 / len(base)), lower_is_better)
+
+
+def judge(d: float, se: float, lower_is_better: bool = True) -> str:
+    """A difference ``d`` with standard error ``se``: ``better`` / ``worse`` beyond ``2 se``, else ``no clear
+    difference``; the difference and ``2 SE`` in brackets."""
     if abs(d) <= 2 * se:
         return f"no clear difference ({d:+.3f}, 2 SE = {2 * se:.3f})"
     good = d < 0 if lower_is_better else d > 0
@@ -37,28 +42,16 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(r) + " |" for r in rows]]
 
 
-def moe_section(moe: dict) -> list[str]:
-    """One row per balancing mode, one column per metric of ``bench.moe_specialisation.evaluate``."""
-    if "unavailable" in moe:
-        return [f"MoE balancing unavailable: {moe['unavailable']}"]
-    keys = list(next(iter(moe.values()))[0])
-    rows = [[mode] + [fmt([r[k] for r in runs], 4) for k in keys] for mode, runs in moe.items()]
-    lines = table(["LBL counted over", *keys], rows)
-    g, m = moe.get("global"), moe.get("micro")
-    if g and m:
-        higher_better = {"nmi"}
-        lines += ["", "Global vs micro: " + "; ".join(
-            f"{k} {verdict([r[k] for r in g], [r[k] for r in m], k not in higher_better)}" for k in keys if k != "seconds") + "."]
-    return lines
 
-
-def mod_section(mod: dict) -> list[str]:
-    if "unavailable" in mod:
-        return [f"MoD vs dense unavailable: {mod['unavailable']}"]
-    rows = [[arm, str(runs[0]["steps"]), f"{runs[0]['train_flops']:.3g}", fmt([r["bits_per_byte"] for r in runs]),
-             fmt([r["seconds"] for r in runs], 0)] for arm, runs in mod.items()]
-    lines = table(["arm", "steps", "training FLOPs", "heldout bits/byte", "wall s"], rows)
-    dense = [r["bits_per_byte"] for r in mod["dense"]]
-    for arm in ("mod_equal_steps", "mod_equal_flops"):
-        lines.append(f"\n{arm} vs dense: {verdict([r['bits_per_byte'] for r in mod[arm]], dense)}.")
-    return lines
+def budget_rows(arms: dict[str, list[dict]], domains, verdict_keys) -> list[list[str]]:
+    """Rows of an equal-budget table: per arm its mean token share per domain, held-out bits per byte
+    (``domains`` and their ``mean``), and verdicts on ``verdict_keys`` against the ``random`` arm."""
+    rows = []
+    for arm, runs in arms.items():
+        share = {d: np.mean([x["snapshot"]["domain_share"][d] for x in runs]) for d in domains}
+        cells = [arm, " / ".join(f"{100 * share[d]:.0f}" for d in domains)]
+        cells += [fmt([x["bits"][k] for x in runs]) for k in [*domains, "mean"]]
+        cells += ["—"] * len(verdict_keys) if arm == "random" else [
+            verdict([x["bits"][k] for x in runs], [x["bits"][k] for x in arms["random"]]) for k in verdict_keys]
+        rows.append(cells)
+    return rows

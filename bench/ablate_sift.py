@@ -75,10 +75,9 @@ def paired(ours: list[float], base: list[float]) -> str:
     m = float(d.mean())
     if len(d) < 2:
         return f"{'lower' if m < 0 else 'higher'} by {abs(m):.3f} (1 prompt: no spread)"
-    se = float(d.std(ddof=1)) / math.sqrt(len(d))
-    if abs(m) <= 2 * se:
-        return f"no clear difference ({m:+.3f}, 2 SE = {2 * se:.3f})"
-    return f"{'better' if m < 0 else 'worse'} ({m:+.3f}, 2 SE = {2 * se:.3f})"
+    from bench.ablate_report import judge
+
+    return judge(m, float(d.std(ddof=1)) / math.sqrt(len(d)))
 
 
 def diagnostics(emb: np.ndarray, query: np.ndarray, picks: list[int], knn: list[int], same: np.ndarray) -> dict:

@@ -60,31 +60,9 @@ CPT_ARMS = {"eslm": ["scorer.name=eslm", "scorer.params.alpha=0.5"],
             "risk_share": ["scorer.name=eslm", "scorer.params.alpha_rule=risk_share"]}
 
 
-
-
-
-
-
-
-
-
 def equal_flops_step(target: float, flops_per_step: float, max_steps: int) -> int:
     """The step (1..max_steps) whose cumulative FLOPs ``step * flops_per_step`` is nearest ``target``."""
     return int(min(max_steps, max(1, round(target / flops_per_step))))
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def evaluate(model, evals: dict) -> dict:
@@ -96,6 +74,13 @@ def evaluate(model, evals: dict) -> dict:
     pooled = lambda a: float(a[:, 0].sum() / a[:, 1].sum())  # noqa: E731
     return {"instruction": pooled(ins_loss), "math": pooled(resp), "answer": pooled(ans),
             "pair_accuracy": float((resp[:, 0] < wrong[:, 0]).mean())}
+
+
+def cached_json(path: Path, build) -> dict:
+    """``path``'s JSON when it exists; otherwise ``build()``, written to ``path`` first."""
+    if not path.is_file():
+        path.write_text(json.dumps(build()))
+    return json.loads(path.read_text())
 
 
 class Jobs:
@@ -132,12 +117,7 @@ def sft_arm(base, data: dict, arm: str, seed: int, cfg: dict, work: Path, fwd: f
 
 
 def run_sft(base, work: Path, cfg: dict, jobs: Jobs, log) -> dict:
-    data_file = work / "sft_data.json"
-    if data_file.is_file():
-        data = json.loads(data_file.read_text())
-    else:
-        data = build_sft_data(work, cfg, log)
-        data_file.write_text(json.dumps(data))
+    data = cached_json(work / "sft_data.json", lambda: build_sft_data(work, cfg, log))
     fwd, bwd = flops_per_token(base.config, TOP, SEQ)
     data["bwd"] = bwd
     baseline = jobs.get("base", lambda: {"loss": evaluate(base, data["evals"])}, log)
@@ -145,8 +125,6 @@ def run_sft(base, work: Path, cfg: dict, jobs: Jobs, log) -> dict:
                   for s in cfg["seeds"]] for arm in ARMS}
     return {"train": data["train"], "offline_seconds": data["offline_seconds"], "base": baseline["loss"],
             "eval_rows": {k: len(v["ids"]) for k, v in data["evals"].items()}, "runs": runs}
-
-
 
 
 def cpt_arm(base, news: dict, name: str, seed: int, phases: list[int], overrides: list[str], work: Path,
@@ -168,12 +146,7 @@ def cpt_arm(base, news: dict, name: str, seed: int, phases: list[int], overrides
 
 
 def run_cpt(base, work: Path, cfg: dict, jobs: Jobs, log) -> dict:
-    news_file = work / "news_data.json"
-    if news_file.is_file():
-        news = json.loads(news_file.read_text())
-    else:
-        news = news_data(work, cfg)
-        news_file.write_text(json.dumps(news))
+    news = cached_json(work / "news_data.json", lambda: news_data(work, cfg))
     fwd, bwd = flops_per_token(base.config, TOP, SEQ)
     steps = cfg["cpt_steps"]
     runs = {name: [jobs.get(f"cpt-{name}-s{s}", lambda n=name, s=s, o=o: cpt_arm(base, news, n, s, [steps], o, work, fwd, bwd),

@@ -122,11 +122,14 @@ def eval_snapshots(work: Path, target: str, domains) -> dict[str, Path]:
     return out
 
 
-def arm_bits(snapshot: Path, out_dir: Path, seed: int, steps: int, evals: dict[str, Path], eval_batches: int) -> dict:
-    """Train ``examples/ablate/train.yaml`` on ``snapshot`` for ``steps`` steps; :func:`train_arm`'s stats plus
-    ``bits``: held-out bits per byte per domain and their ``mean``."""
-    model, stats = train_arm(snapshot, out_dir, seed, [f"max_steps={steps}"])
-    stats["bits"] = {d: bits(heldout_loss(model, e, model.config.block_size, max_batches=eval_batches))
+def arm_bits(snapshot: Path, out_dir: Path, seed: int, overrides: list[str], evals: dict[str, Path],
+             eval_batches: int, seq_len: int | None = None, batch_size: int = 16) -> dict:
+    """Train ``examples/ablate/train.yaml`` (+ ``overrides``) on ``snapshot``; :func:`train_arm`'s stats plus
+    ``bits``: held-out bits per byte per domain (``seq_len``-token rows, default the GPT's context) and their
+    ``mean``."""
+    model, stats = train_arm(snapshot, out_dir, seed, overrides)
+    seq_len = seq_len or model.config.block_size
+    stats["bits"] = {d: bits(heldout_loss(model, e, seq_len, batch_size, max_batches=eval_batches))
                      for d, e in evals.items()}
     stats["bits"]["mean"] = sum(stats["bits"][d] for d in evals) / len(evals)
     return stats

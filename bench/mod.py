@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from bench.moe_specialisation import load_texts, one_thread, windows
 
 SEQ_LEN = 256
+BATCH = 8
+MODEL = dict(vocab_size=256, block_size=SEQ_LEN, n_layer=8, n_head=4, n_embd=96, dropout=0.0)  # GPTConfig fields
 
 
 def _train(model, steps: int, train_texts) -> list[float]:
@@ -35,7 +37,7 @@ def _train(model, steps: int, train_texts) -> list[float]:
     times = []
     model.train()
     for _ in range(steps):
-        x, _ = windows(train_texts, 8, SEQ_LEN, rng)
+        x, _ = windows(train_texts, BATCH, SEQ_LEN, rng)
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         (loss + model.aux_loss()).backward()
@@ -66,11 +68,10 @@ def _run(quick: bool) -> list[dict]:
     steps = 5 if quick else 200
     train_texts, heldout_texts = load_texts(False, SEQ_LEN), load_texts(True, SEQ_LEN)
     heldout, _ = windows(heldout_texts, 16 if quick else 128, SEQ_LEN, np.random.default_rng(123))
-    base = dict(vocab_size=256, block_size=SEQ_LEN, n_layer=8, n_head=4, n_embd=96, dropout=0.0)
     torch.manual_seed(0)
-    dense = GPT(GPTConfig(**base))
+    dense = GPT(GPTConfig(**MODEL))
     torch.manual_seed(0)
-    mod = GPT(GPTConfig(**base, mod=MoDConfig()))
+    mod = GPT(GPTConfig(**MODEL, mod=MoDConfig()))
     dense_times, mod_times = _train(dense, steps, train_texts), _train(mod, steps, train_texts)
     step_dense, step_mod = statistics.median(dense_times[3:]), statistics.median(mod_times[3:])
     loss_dense, loss_mod = _bits_per_byte(dense, heldout), _bits_per_byte(mod, heldout)
