@@ -108,7 +108,8 @@ def mod(seeds: list[int], lengths: list[int], heldout_windows: int, work: Path, 
 
     from bench import mod as bm
     from bench.moe_specialisation import load_texts, windows
-    from tokensift.models.gpt import GPT, GPTConfig, MoDConfig
+    from tokensift.models.gpt import GPT
+    from tokensift.models.gpt_config import GPTConfig, MoDConfig
 
     train_texts, heldout_texts = load_texts(False, bm.SEQ_LEN), load_texts(True, bm.SEQ_LEN)
     heldout, _ = windows(heldout_texts, heldout_windows, bm.SEQ_LEN, np.random.default_rng(123))

@@ -79,7 +79,8 @@ def rank_read_ratio(snapshot: Path, world: int, seq_len: int) -> float:
 
 
 def trainer_tokens_per_s(snapshot: Path, seq_len: int, batch_size: int, steps: int) -> float:
-    from tokensift.models.gpt import GPT, GPTConfig
+    from tokensift.models.gpt import GPT
+    from tokensift.models.gpt_config import GPTConfig
     from tokensift.pipeline.loader import TokenLoader
     from tokensift.trainers.step import micro_batch_loss
 

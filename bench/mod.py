@@ -63,7 +63,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _run(quick: bool) -> list[dict]:
-    from tokensift.models.gpt import GPT, GPTConfig, MoDConfig
+    from tokensift.models.gpt import GPT
+    from tokensift.models.gpt_config import GPTConfig, MoDConfig
 
     steps = 5 if quick else 200
     train_texts, heldout_texts = load_texts(False, SEQ_LEN), load_texts(True, SEQ_LEN)

@@ -117,7 +117,8 @@ def nmi(joint: np.ndarray) -> float:
 
 def train(balance: str, steps: int, train_texts, seed: int = 0, grad_accum: int = 16):
     """Train the 2-block MoE GPT with one sequence per micro-batch; returns the model."""
-    from tokensift.models.gpt import GPT, GPTConfig, MoEConfig
+    from tokensift.models.gpt import GPT
+    from tokensift.models.gpt_config import GPTConfig, MoEConfig
 
     torch.manual_seed(seed)
     moe = MoEConfig(num_experts=8, top_k=2, capacity_factor=None, balance="micro" if balance == "none" else balance,

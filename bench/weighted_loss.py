@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tokensift.models.gpt import GPT, GPTConfig
+from tokensift.models.gpt import GPT
+from tokensift.models.gpt_config import GPTConfig
 from tokensift.trainers.step import micro_batch_loss
 
 

@@ -92,7 +92,8 @@ def test_family_scores_the_same_prefix_under_every_model():
     text = "é" * 200  # 2 bytes a character: 127 whole characters fit 255 bytes, never half of one
     assert cut(text) == "é" * 127 and cut("short") == "short"
     torch.manual_seed(0)
-    from tokensift.models.gpt import GPT, GPTConfig
+    from tokensift.models.gpt import GPT
+    from tokensift.models.gpt_config import GPTConfig
 
     model = GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
     texts = ["abc", "hello world", "x"]

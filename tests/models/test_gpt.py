@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokensift.models.gpt import GPT, GPTConfig, MoDConfig, MoEConfig
+from tokensift.models.gpt import GPT
+from tokensift.models.gpt_config import GPTConfig, MoDConfig, MoEConfig
 
 BASE = dict(vocab_size=96, block_size=64, n_layer=4, n_head=2, n_embd=32)
 VARIANTS = {

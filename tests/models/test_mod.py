@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokensift.models.gpt import GPT, Block, GPTConfig, MoDBlock, MoDConfig
+from tokensift.models.gpt import GPT, Block, MoDBlock
+from tokensift.models.gpt_config import GPTConfig, MoDConfig
 from tokensift.models.mod import mod_capacity, positions_mask, routed_attention_mask, top_k_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")

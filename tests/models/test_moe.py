@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tokensift.models.gpt import GPTConfig, MoE, MoEConfig
+from tokensift.models.gpt import MoE
+from tokensift.models.gpt_config import GPTConfig, MoEConfig
 from tokensift.models.moe import (
     ExpertLoad,
     balance_loss,

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tokensift.models.gpt import GPT, GPTConfig, MoDConfig, MoEConfig
+from tokensift.models.gpt import GPT
+from tokensift.models.gpt_config import GPTConfig, MoDConfig, MoEConfig
 from tokensift.models.packing import document_mask, flattened_forward
 from tokensift.pipeline.loader import TokenLoader
 from tokensift.pipeline.shards import write_manifest

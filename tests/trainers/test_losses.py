@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokensift.models.gpt import GPT, GPTConfig
+from tokensift.models.gpt import GPT
+from tokensift.models.gpt_config import GPTConfig
 from tokensift.trainers import losses
 from tokensift.trainers.losses import global_denominator, token_cross_entropy, weighted_loss
 from tokensift.trainers.step import micro_batch_loss

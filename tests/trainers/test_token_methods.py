@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tokensift.config import load
-from tokensift.models.gpt import GPT, GPTConfig
+from tokensift.models.gpt import GPT
+from tokensift.models.gpt_config import GPTConfig
 from tokensift.pipeline.loader import TokenLoader
 from tokensift.pipeline.shards import write_manifest
 from tokensift.pipeline.tokenize import Tokenize, TokenizeParams

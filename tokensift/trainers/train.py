@@ -55,7 +55,8 @@ def distributed_env_defaults() -> None:
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The built-in GPT (``model.gpt``) or an HF causal LM from ``model.path``, in training mode."""
     if cfg.model.kind == "gpt":
-        from tokensift.models.gpt import GPT, GPTConfig
+        from tokensift.models.gpt import GPT
+        from tokensift.models.gpt_config import GPTConfig
 
         try:
             gpt_cfg = GPTConfig.from_dict(OmegaConf.to_container(OmegaConf.create(dict(cfg.model.gpt))))
